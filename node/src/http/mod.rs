@@ -1,0 +1,163 @@
+//! The client-facing HTTP API, versioned under `/v1`, JSON in and out.
+
+mod ids;
+mod objects;
+
+use crate::error::ApiError;
+use crate::metrics::HttpLabels;
+use crate::namespace::Namespace;
+use crate::server::Node;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub type AppState = Arc<Node>;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self.body()).unwrap_or_default();
+        json_response(status, body)
+    }
+}
+
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+pub fn json_ok(value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => ApiError::internal(format!("cannot encode response: {e}")).into_response(),
+    }
+}
+
+/// Parses a JSON body into `T`: malformed JSON and wrong shapes are 400s that say what is wrong.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let code = match e.classify() {
+            serde_json::error::Category::Data => "invalid_request",
+            _ => "invalid_json",
+        };
+        ApiError::bad_request(code, format!("request body: {e}"))
+    })
+}
+
+/// Reads a request body up to the namespace's limit.
+pub async fn read_body(body: Body, ns: &Namespace) -> Result<axum::body::Bytes, ApiError> {
+    let limit = ns.config.limits.max_request_bytes.0 as usize;
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::limit(
+            413,
+            "maxRequestBytes",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    })
+}
+
+pub fn namespace<'a>(node: &'a Node, name: &str) -> Result<&'a Arc<Namespace>, ApiError> {
+    node.namespace(name).ok_or_else(|| {
+        let known: Vec<&str> = node.namespaces.keys().map(String::as_str).collect();
+        ApiError::not_found(
+            "unknown_namespace",
+            format!(
+                "namespace {name:?} is not served here (known: {})",
+                known.join(", ")
+            ),
+        )
+    })
+}
+
+async fn healthz() -> Response {
+    json_ok(&serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(node): State<AppState>) -> Response {
+    json_ok(&serde_json::json!({
+        "status": "ready",
+        "node": node.config.node.name,
+        "colo": node.config.node.colo,
+        "region": node.config.node.region,
+        "namespaces": node.namespaces.keys().collect::<Vec<_>>(),
+    }))
+}
+
+async fn metrics(State(node): State<AppState>) -> Response {
+    let mut resp = Response::new(Body::from(node.metrics.encode()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(
+        "unknown_route",
+        format!(
+            "no route for {} {} (the API lives under /v1)",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        405,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Counts and times every request by route template, method and status.
+async fn track(State(node): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let method = req.method().as_str().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let labels = HttpLabels {
+        route,
+        method,
+        status: resp.status().as_u16(),
+    };
+    node.metrics.http.requests.get_or_create(&labels).inc();
+    node.metrics
+        .http
+        .duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+pub fn router(node: AppState) -> Router {
+    let api = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/ns/{ns}/ids", post(ids::create))
+        .route("/v1/ns/{ns}/ids/{id}", get(ids::validate))
+        .route("/v1/ns/{ns}/objects", get(objects::list_objects))
+        .merge(objects::routes("/v1/ns/{ns}/objects/{id}"))
+        .merge(objects::routes("/v1/ns/{ns}/names/{name}"))
+        .route_layer(middleware::from_fn_with_state(node.clone(), track))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
+    api.with_state(node)
+}

@@ -1,0 +1,169 @@
+//! Prometheus metrics of a node, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The route template, e.g. `/v1/ns/{ns}/objects/{id}/sql`.
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+#[derive(Clone)]
+pub struct HttpMetrics {
+    pub requests: Family<HttpLabels, Counter>,
+    pub duration: Family<HttpLabels, Histogram, fn() -> Histogram>,
+}
+
+#[derive(Clone)]
+pub struct LogMetrics {
+    pub fsyncs: Counter,
+    pub fsync_seconds: Histogram,
+    pub bytes: Counter,
+    pub records_per_fsync: Histogram,
+    pub segments: Gauge,
+}
+
+#[derive(Clone)]
+pub struct ObjectMetrics {
+    /// Objects with a request queued or running.
+    pub active: Gauge,
+    /// Objects whose database is open.
+    pub resident: Gauge,
+    /// Bytes of all object databases on this node.
+    pub database_bytes: Gauge,
+    pub opens: Counter,
+    pub evictions: Counter,
+    pub checkpoints: Counter,
+    pub resets: Counter,
+}
+
+/// All metrics of a node, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    pub http: HttpMetrics,
+    pub log: LogMetrics,
+    pub objects: ObjectMetrics,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("colony");
+        let http = HttpMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            http.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route, method and status",
+            http.duration.clone(),
+        );
+        let log = LogMetrics {
+            fsyncs: Counter::default(),
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_02, 2.0, 16)),
+            bytes: Counter::default(),
+            records_per_fsync: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            segments: Gauge::default(),
+        };
+        registry.register(
+            "log_fsyncs",
+            "fdatasync calls on the node log",
+            log.fsyncs.clone(),
+        );
+        registry.register(
+            "log_fsync_duration_seconds",
+            "Time spent in fdatasync of the node log",
+            log.fsync_seconds.clone(),
+        );
+        registry.register(
+            "log_written_bytes",
+            "Bytes written to the node log",
+            log.bytes.clone(),
+        );
+        registry.register(
+            "log_records_per_fsync",
+            "Records made durable by one fdatasync (group commit)",
+            log.records_per_fsync.clone(),
+        );
+        registry.register(
+            "log_segments",
+            "Live node log segments",
+            log.segments.clone(),
+        );
+        let objects = ObjectMetrics {
+            active: Gauge::default(),
+            resident: Gauge::default(),
+            database_bytes: Gauge::default(),
+            opens: Counter::default(),
+            evictions: Counter::default(),
+            checkpoints: Counter::default(),
+            resets: Counter::default(),
+        };
+        registry.register(
+            "objects_active",
+            "Objects with a request queued or running",
+            objects.active.clone(),
+        );
+        registry.register(
+            "objects_resident",
+            "Objects whose database is open",
+            objects.resident.clone(),
+        );
+        registry.register(
+            "database_bytes",
+            "Bytes of all object databases on this node",
+            objects.database_bytes.clone(),
+        );
+        registry.register(
+            "object_opens",
+            "Object databases opened",
+            objects.opens.clone(),
+        );
+        registry.register(
+            "object_evictions",
+            "Object databases closed for being idle or to stay within the memory limit",
+            objects.evictions.clone(),
+        );
+        registry.register(
+            "object_checkpoints",
+            "Object WAL checkpoints",
+            objects.checkpoints.clone(),
+        );
+        registry.register(
+            "object_resets",
+            "Objects reset after a write could not be made durable",
+            objects.resets.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            http,
+            log,
+            objects,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

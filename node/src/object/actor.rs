@@ -1,0 +1,275 @@
+//! One object's actor: executes its requests in order, hands commits to the node log, and holds
+//! responses at the output gate until they are durable.
+
+use super::db::{Committed, ObjectDb};
+use super::gate::Gate;
+use super::registry::{ObjectEnv, ObjectHandle};
+use super::{Reply, Request, kv, sql};
+use crate::error::ApiError;
+use crate::storage::log::Append;
+use crate::storage::record::{RecordKind, encode_checkpoint, encode_delete};
+use crate::storage::recovery;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// Work for an actor.
+pub enum Job {
+    Client {
+        request: Request,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// Close the database (idle or evicted); the object stays addressable.
+    Close,
+    /// Checkpoint now (the node log wants to retire a segment).
+    Checkpoint,
+}
+
+/// The state an actor keeps between requests. Small when the database is closed.
+#[derive(Default)]
+pub struct Actor {
+    db: Option<ObjectDb>,
+    /// Bumped on every reset; the log refuses records of a failed generation.
+    generation: u64,
+}
+
+fn to_body(v: &impl serde::Serialize) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(v).map_err(|e| ApiError::internal(format!("cannot encode response: {e}")))
+}
+
+impl Actor {
+    pub fn process(&mut self, job: Job, handle: &Arc<ObjectHandle>, env: &ObjectEnv) {
+        if handle.gate.failed() {
+            self.reset(handle, env);
+        }
+        match job {
+            Job::Client { request, reply } => {
+                let result = self.execute(request, handle, env);
+                // Every response waits at the gate, errors included: they may reveal state that
+                // is not durable yet.
+                handle.gate.hold(Box::new(move |durable| {
+                    let _ = reply.send(durable.and(result));
+                }));
+                self.maybe_checkpoint(false, handle, env);
+            }
+            Job::Close => self.close(handle, env),
+            Job::Checkpoint => self.maybe_checkpoint(true, handle, env),
+        }
+    }
+
+    fn open(&mut self, handle: &ObjectHandle, env: &ObjectEnv) -> Result<&mut ObjectDb, ApiError> {
+        if self.db.is_none() {
+            let path = env.db_path(&handle.key);
+            let db = ObjectDb::open(&path, handle.key.clone(), &handle.ns.config.limits)?;
+            env.metrics.objects.opens.inc();
+            env.note_opened(handle);
+            self.db = Some(db);
+        }
+        match self.db.as_mut() {
+            Some(db) => Ok(db),
+            None => Err(ApiError::internal("database did not open")),
+        }
+    }
+
+    fn execute(&mut self, request: Request, handle: &Arc<ObjectHandle>, env: &ObjectEnv) -> Reply {
+        if let Request::DeleteAll = request {
+            return self.delete_all(handle, env);
+        }
+        let time_limit = handle.ns.config.limits.request_time_limit.0;
+        let db = self.open(handle, env)?;
+        let size_before = db.size_bytes();
+        let committed: Committed<Vec<u8>> = match request {
+            Request::Sql(plan) => db.transaction(time_limit, |tx| {
+                if plan.batch {
+                    let results = plan
+                        .statements
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| sql::execute(tx, s, Some(i)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    to_body(&json!({ "results": results }))
+                } else {
+                    let Some(statement) = plan.statements.first() else {
+                        return Err(ApiError::bad_request("invalid_request", "no statement"));
+                    };
+                    to_body(&sql::execute(tx, statement, None)?)
+                }
+            })?,
+            Request::KvGet(key) => db.transaction(time_limit, |tx| match kv::get(tx, &key)? {
+                Some(value) => to_body(&json!({ "key": key, "value": value })),
+                None => Err(ApiError::not_found(
+                    "key_not_found",
+                    format!("no value under key {key:?}"),
+                )),
+            })?,
+            Request::KvPut { key, encoded } => db.transaction(time_limit, |tx| {
+                kv::put(tx, &key, &encoded)?;
+                to_body(&json!({ "key": key, "stored": true }))
+            })?,
+            Request::KvDelete(key) => db.transaction(time_limit, |tx| {
+                let deleted = kv::delete(tx, &key)?;
+                to_body(&json!({ "key": key, "deleted": deleted }))
+            })?,
+            Request::KvList(opts) => db.transaction(time_limit, |tx| {
+                let page = kv::list(tx, &opts)?;
+                let entries: Vec<_> = page
+                    .entries
+                    .into_iter()
+                    .map(|(k, v)| json!({ "key": k, "value": v }))
+                    .collect();
+                to_body(&json!({ "entries": entries, "cursor": page.cursor }))
+            })?,
+            Request::KvBatch { batch, puts } => db.transaction(time_limit, |tx| {
+                let result = kv::apply_batch(tx, &batch, &puts)?;
+                to_body(&json!({ "values": result.values, "deleted": result.deleted }))
+            })?,
+            Request::Info => Committed {
+                value: to_body(&json!({
+                    "id": handle.key.id.to_hex(),
+                    "namespace": &*handle.key.namespace,
+                    "sizeBytes": db.size_bytes(),
+                }))?,
+                pages: None,
+            },
+            Request::DeleteAll => unreachable!("handled above"),
+        };
+        let size_after = db.size_bytes();
+        env.metrics
+            .objects
+            .database_bytes
+            .inc_by(size_after as i64 - size_before as i64);
+        if let Some(pages) = committed.pages {
+            let ticket = handle.gate.submit();
+            let gate: Arc<Gate> = handle.gate.clone();
+            let ns = handle.ns.clone();
+            let id = handle.key.id;
+            env.log.append(Append {
+                kind: RecordKind::PageSet,
+                object: handle.key.clone(),
+                generation: self.generation,
+                payload: pages.payload,
+                done: Box::new(move |result| {
+                    if result.is_ok() {
+                        ns.mark_has_data(id);
+                    }
+                    gate.settle(ticket, result);
+                }),
+            });
+        }
+        Ok(committed.value)
+    }
+
+    /// Deletes all of the object's data: the delete is made durable in the log first, then the
+    /// files go, so a crash in between replays the delete rather than resurrecting half a
+    /// database.
+    fn delete_all(&mut self, handle: &ObjectHandle, env: &ObjectEnv) -> Reply {
+        let size = self.db.as_ref().map_or(0, ObjectDb::size_bytes);
+        let ticket = handle.gate.submit();
+        let gate = handle.gate.clone();
+        env.log.append(Append {
+            kind: RecordKind::Delete,
+            object: handle.key.clone(),
+            generation: self.generation,
+            payload: encode_delete(&handle.key),
+            done: Box::new(move |result| gate.settle(ticket, result)),
+        });
+        let delete_lsn = handle.gate.wait_settled()?;
+        if self.db.take().is_some() {
+            env.note_closed(handle);
+        }
+        let path = env.db_path(&handle.key);
+        let existed = path.exists();
+        recovery::remove_database_files(&path)
+            .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
+        self.append_checkpoint_marker(handle, env, delete_lsn);
+        handle.ns.mark_empty(&handle.key.id);
+        env.metrics.objects.database_bytes.dec_by(size as i64);
+        to_body(&json!({ "id": handle.key.id.to_hex(), "deleted": existed }))
+    }
+
+    fn append_checkpoint_marker(&self, handle: &ObjectHandle, env: &ObjectEnv, upto: u64) {
+        env.log.append(Append {
+            kind: RecordKind::Checkpoint,
+            object: handle.key.clone(),
+            generation: self.generation,
+            payload: encode_checkpoint(&handle.key, upto),
+            done: Box::new(|_| {}),
+        });
+    }
+
+    /// Checkpoints the WAL into the database file once it is large (or when `force`d), but only
+    /// frames the node log already holds durably.
+    fn maybe_checkpoint(&mut self, force: bool, handle: &ObjectHandle, env: &ObjectEnv) {
+        let threshold = env.storage.checkpoint_wal_bytes.0;
+        let Some(db) = self.db.as_mut() else { return };
+        let wal = db.wal_bytes();
+        if wal == 0 || (!force && wal < threshold) {
+            return;
+        }
+        // Without waiting, only when everything is durable already; past 4x the threshold (or
+        // when forced), wait for the log.
+        if handle.gate.pending() && !force && wal < threshold.saturating_mul(4) {
+            return;
+        }
+        let Ok(upto) = handle.gate.wait_settled() else {
+            return;
+        };
+        match db.checkpoint() {
+            Ok(()) => {
+                env.metrics.objects.checkpoints.inc();
+                self.append_checkpoint_marker(handle, env, upto);
+            }
+            Err(e) => {
+                tracing::warn!(object = %handle.key, error = %e, "checkpoint failed; will retry")
+            }
+        }
+    }
+
+    fn close(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
+        if self.db.is_none() {
+            return;
+        }
+        self.maybe_checkpoint(true, handle, env);
+        if handle.gate.failed() {
+            self.reset(handle, env);
+        }
+        let empty = self
+            .db
+            .as_ref()
+            .is_some_and(|db| db.size_bytes() == 0 && db.wal_bytes() == 0);
+        if self.db.take().is_some() {
+            env.note_closed(handle);
+            env.metrics.objects.evictions.inc();
+        }
+        if empty {
+            // Opened only to be read: it holds no data, so leave nothing behind.
+            let _ = recovery::remove_database_files(&env.db_path(&handle.key));
+        }
+    }
+
+    /// After a commit could not be made durable: forget everything not in the log, rebuild the
+    /// database file from the log, and serve again under a new generation.
+    fn reset(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
+        env.metrics.objects.resets.inc();
+        let _ = handle.gate.wait_settled();
+        if self.db.take().is_some() {
+            env.note_closed(handle);
+        }
+        let path = env.db_path(&handle.key);
+        let replayed = recovery::discard_wal(&path).and_then(|()| {
+            recovery::replay_object(
+                &env.log_dir,
+                &handle.key,
+                &path,
+                env.log.shared().durable_lsn(),
+            )
+        });
+        if let Err(e) = replayed {
+            tracing::error!(object = %handle.key, error = %e, "cannot rebuild the object from the node log");
+            return;
+        }
+        self.generation += 1;
+        handle.gate.clear_failure();
+        tracing::warn!(object = %handle.key, "object reset after a write could not be made durable");
+    }
+}

@@ -1,0 +1,449 @@
+//! One object's SQLite database, owned by one thread at a time.
+//!
+//! Configured so that the node log, not SQLite, is the durability point:
+//! - `locking_mode=EXCLUSIVE` before WAL mode: the wal-index lives in heap memory, no `-shm` file,
+//!   no lock syscalls per transaction (only this process ever opens the file);
+//! - `synchronous=OFF`, automatic checkpoints off, and no checkpoint on close: frames reach the
+//!   database file only through [`ObjectDb::checkpoint`], after the node log holds them;
+//! - a WAL hook records how many frames the WAL holds after each commit, so the commit's pages can
+//!   be read back from the `-wal` file and logged.
+
+use super::authorizer::{Denial, authorize};
+use crate::config::Limits;
+use crate::error::ApiError;
+use crate::storage::record::ObjectKey;
+use crate::storage::wal::{CapturedCommit, FRAME_HEADER_BYTES, WalReader};
+use rusqlite::config::DbConfig;
+use rusqlite::limits::Limit;
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const PAGE_SIZE: u32 = 4096;
+
+fn epoch() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+/// What a committed transaction produced.
+pub struct Committed<T> {
+    pub value: T,
+    /// The commit's pages, when it wrote anything.
+    pub pages: Option<CapturedCommit>,
+}
+
+pub struct ObjectDb {
+    conn: Connection,
+    key: ObjectKey,
+    path: PathBuf,
+    wal: Option<WalReader>,
+    /// Frames of the WAL already captured and handed to the log.
+    frames_captured: u32,
+    /// Frames in the WAL after the last commit, as reported by the WAL hook.
+    wal_frames: Arc<AtomicU32>,
+    user_mode: Arc<AtomicBool>,
+    denial: Arc<Mutex<Option<Denial>>>,
+    deadline: Arc<AtomicU64>,
+    db_pages: u32,
+    max_pages: u64,
+    kv_table: Option<bool>,
+}
+
+fn sqlite_err(e: rusqlite::Error) -> ApiError {
+    ApiError::internal(format!("database error: {e}"))
+}
+
+impl ObjectDb {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path, key: ObjectKey, limits: &Limits) -> Result<Self, ApiError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                ApiError::internal(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(sqlite_err)?;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(sqlite_err)?;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
+            .map_err(sqlite_err)?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(sqlite_err)?;
+        conn.pragma_update(None, "page_size", PAGE_SIZE)
+            .map_err(sqlite_err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(sqlite_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(ApiError::internal(format!(
+                "cannot switch {} to WAL mode (got {mode})",
+                path.display()
+            )));
+        }
+        conn.execute_batch(
+            "PRAGMA synchronous=OFF; PRAGMA wal_autocheckpoint=0; PRAGMA cache_size=-1024; \
+             PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA trusted_schema=OFF;",
+        )
+        .map_err(sqlite_err)?;
+        let page_size: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sqlite_err)?;
+        let max_pages = (limits.max_database_bytes.0 / u64::from(page_size)).max(2);
+        conn.pragma_update(None, "max_page_count", max_pages as i64)
+            .map_err(sqlite_err)?;
+        let clamp = |v: u64| v.min(i32::MAX as u64) as i32;
+        conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, clamp(limits.max_row_bytes.0))
+            .map_err(sqlite_err)?;
+        conn.set_limit(
+            Limit::SQLITE_LIMIT_SQL_LENGTH,
+            clamp(limits.max_statement_bytes.0),
+        )
+        .map_err(sqlite_err)?;
+        conn.set_limit(
+            Limit::SQLITE_LIMIT_VARIABLE_NUMBER,
+            clamp(limits.max_params as u64),
+        )
+        .map_err(sqlite_err)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)
+            .map_err(sqlite_err)?;
+        conn.set_prepared_statement_cache_capacity(32);
+
+        let wal_frames = Arc::new(AtomicU32::new(0));
+        let frames = wal_frames.clone();
+        conn.wal_hook(Some(
+            move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
+                frames.store(n.max(0) as u32, Ordering::Release);
+                Ok(())
+            },
+        ))
+        .map_err(sqlite_err)?;
+
+        let user_mode = Arc::new(AtomicBool::new(false));
+        let denial: Arc<Mutex<Option<Denial>>> = Arc::new(Mutex::new(None));
+        let (mode_flag, denial_slot) = (user_mode.clone(), denial.clone());
+        conn.authorizer(Some(move |ctx: rusqlite::hooks::AuthContext<'_>| {
+            let (verdict, why) = authorize(&ctx, mode_flag.load(Ordering::Relaxed));
+            if let (Some(why), Ok(mut slot)) = (why, denial_slot.lock()) {
+                *slot = Some(why);
+            }
+            verdict
+        }))
+        .map_err(sqlite_err)?;
+
+        let deadline = Arc::new(AtomicU64::new(0));
+        let d = deadline.clone();
+        conn.progress_handler(
+            1000,
+            Some(move || {
+                let at = d.load(Ordering::Relaxed);
+                at != 0 && nanos_since_epoch(Instant::now()) > at
+            }),
+        )
+        .map_err(sqlite_err)?;
+
+        let db_pages: u32 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(sqlite_err)?;
+        Ok(ObjectDb {
+            conn,
+            key,
+            path: path.to_path_buf(),
+            wal: None,
+            frames_captured: 0,
+            wal_frames,
+            user_mode,
+            denial,
+            deadline,
+            db_pages,
+            max_pages,
+            kv_table: None,
+        })
+    }
+
+    pub fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+
+    pub fn page_size(&self) -> u32 {
+        PAGE_SIZE
+    }
+
+    /// Database size in bytes as of the last commit.
+    pub fn size_bytes(&self) -> u64 {
+        u64::from(self.db_pages) * u64::from(PAGE_SIZE)
+    }
+
+    /// Bytes of frames in the WAL not yet checkpointed.
+    pub fn wal_bytes(&self) -> u64 {
+        u64::from(self.frames_captured) * (FRAME_HEADER_BYTES + u64::from(PAGE_SIZE))
+    }
+
+    pub fn has_kv_table(&mut self) -> Result<bool, ApiError> {
+        if let Some(known) = self.kv_table {
+            return Ok(known);
+        }
+        let exists: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1)",
+                [super::kv::KV_TABLE],
+                |r| r.get(0),
+            )
+            .map_err(sqlite_err)?;
+        self.kv_table = Some(exists);
+        Ok(exists)
+    }
+
+    pub fn set_kv_table_created(&mut self) {
+        self.kv_table = Some(true);
+    }
+
+    /// Runs `work` in one transaction. On success the transaction commits and its pages are
+    /// captured from the WAL; on any error it rolls back and nothing stays visible.
+    pub fn transaction<T>(
+        &mut self,
+        time_limit: Duration,
+        work: impl FnOnce(&mut Tx<'_>) -> Result<T, ApiError>,
+    ) -> Result<Committed<T>, ApiError> {
+        self.user_mode.store(false, Ordering::Relaxed);
+        self.deadline.store(
+            nanos_since_epoch(Instant::now() + time_limit),
+            Ordering::Relaxed,
+        );
+        let begun = self
+            .conn
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut s| s.execute([]));
+        if let Err(e) = begun {
+            self.deadline.store(0, Ordering::Relaxed);
+            return Err(self.map_error(e));
+        }
+        let kv_before = self.kv_table;
+        let result = {
+            let mut tx = Tx { db: self };
+            work(&mut tx)
+        };
+        self.user_mode.store(false, Ordering::Relaxed);
+        let committed = result.and_then(|value| {
+            match self
+                .conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut s| s.execute([]))
+            {
+                Ok(_) => Ok(value),
+                Err(e) => Err(self.map_error(e)),
+            }
+        });
+        self.deadline.store(0, Ordering::Relaxed);
+        match committed {
+            Ok(value) => {
+                let pages = self.capture()?;
+                Ok(Committed { value, pages })
+            }
+            Err(e) => {
+                if !self.conn.is_autocommit()
+                    && let Err(rb) = self.conn.execute_batch("ROLLBACK")
+                {
+                    tracing::error!(object = %self.key, error = %rb, "rollback failed");
+                }
+                self.kv_table = kv_before;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the frames the last commit appended to the WAL.
+    fn capture(&mut self) -> Result<Option<CapturedCommit>, ApiError> {
+        let frames = self.wal_frames.load(Ordering::Acquire);
+        if frames <= self.frames_captured {
+            return Ok(None);
+        }
+        if self.wal.is_none() {
+            let wal_path = wal_path_of(&self.path);
+            self.wal = Some(WalReader::open(&wal_path, PAGE_SIZE).map_err(|e| {
+                ApiError::internal(format!("cannot open {}: {e}", wal_path.display()))
+            })?);
+        }
+        let Some(wal) = self.wal.as_mut() else {
+            return Ok(None);
+        };
+        let captured = wal
+            .capture(&self.key, self.frames_captured, frames)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.frames_captured = frames;
+        self.db_pages = captured.db_pages;
+        Ok(Some(captured))
+    }
+
+    /// Copies every WAL frame into the database file, fsyncs it, and empties the WAL. Only call
+    /// once the node log holds every captured commit durably.
+    pub fn checkpoint(&mut self) -> Result<(), ApiError> {
+        if self.frames_captured == 0 {
+            return Ok(());
+        }
+        // synchronous=NORMAL makes the checkpoint fsync the database file before it truncates
+        // the WAL; OFF again afterwards for ordinary commits.
+        self.conn
+            .execute_batch("PRAGMA synchronous=NORMAL")
+            .map_err(sqlite_err)?;
+        let result: Result<(i64, i64, i64), _> =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                });
+        let restored = self.conn.execute_batch("PRAGMA synchronous=OFF");
+        let (busy, _, _) = result.map_err(sqlite_err)?;
+        restored.map_err(sqlite_err)?;
+        if busy != 0 {
+            return Err(ApiError::internal("checkpoint could not complete"));
+        }
+        self.frames_captured = 0;
+        self.wal_frames.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn max_pages(&self) -> u64 {
+        self.max_pages
+    }
+
+    /// Maps a SQLite error to what the client should see.
+    pub fn map_error(&self, e: rusqlite::Error) -> ApiError {
+        let denial = self.denial.lock().ok().and_then(|mut d| d.take());
+        // SQLITE_FULL means either the disk or max_page_count; inside the failing transaction
+        // the page count tells which.
+        let at_page_limit = matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull)
+            && self
+                .conn
+                .query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
+                .is_ok_and(|pages| pages as u64 + 16 >= self.max_pages);
+        map_sqlite_error(e, denial, at_page_limit)
+    }
+}
+
+pub fn wal_path_of(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
+/// Classifies a SQLite error: the client's mistake (4xx, with SQLite's message) or ours (5xx).
+pub fn map_sqlite_error(
+    e: rusqlite::Error,
+    denial: Option<Denial>,
+    at_page_limit: bool,
+) -> ApiError {
+    use rusqlite::Error as E;
+    match e {
+        E::SqliteFailure(f, msg) => {
+            let msg = msg.unwrap_or_else(|| f.to_string());
+            match f.code {
+                ErrorCode::OperationInterrupted => ApiError::limit(
+                    408,
+                    "requestTimeLimit",
+                    "the request ran longer than its time limit and was rolled back",
+                ),
+                ErrorCode::TooBig => ApiError::limit(
+                    413,
+                    "maxRowBytes",
+                    format!("a string, blob or row is too large: {msg}"),
+                ),
+                ErrorCode::DiskFull if at_page_limit => ApiError::limit(
+                    413,
+                    "maxDatabaseBytes",
+                    "the object's database would grow past its size limit",
+                ),
+                ErrorCode::DiskFull => {
+                    ApiError::new(507, "storage_full", "the node's disk is full")
+                }
+                ErrorCode::AuthorizationForStatementDenied => {
+                    let why = denial.map_or_else(|| "statement not allowed".to_string(), |d| d.0);
+                    ApiError::bad_request("not_allowed", why)
+                }
+                ErrorCode::ConstraintViolation => ApiError::new(409, "constraint_violation", msg),
+                ErrorCode::TypeMismatch
+                | ErrorCode::ParameterOutOfRange
+                | ErrorCode::Unknown
+                | ErrorCode::ReadOnly => ApiError::bad_request("sql_error", msg),
+                ErrorCode::ApiMisuse => ApiError::bad_request("sql_error", msg),
+                ErrorCode::DatabaseCorrupt
+                | ErrorCode::NotADatabase
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::CannotOpen => ApiError::internal(format!("storage error: {msg}")),
+                ErrorCode::OutOfMemory => {
+                    ApiError::unavailable("out_of_memory", "the node is out of memory")
+                }
+                _ => ApiError::bad_request("sql_error", msg),
+            }
+        }
+        E::MultipleStatement => ApiError::bad_request(
+            "sql_error",
+            "only one statement per \"sql\"; send several as a \"batch\"",
+        ),
+        E::InvalidParameterCount(given, expected) => ApiError::bad_request(
+            "invalid_params",
+            format!("the statement has {expected} parameters but {given} were given"),
+        ),
+        E::InvalidParameterName(name) => ApiError::bad_request(
+            "invalid_params",
+            format!("the statement has no parameter named {name:?}"),
+        ),
+        E::SqlInputError {
+            msg, sql, offset, ..
+        } => ApiError::bad_request(
+            "sql_error",
+            format!("{msg} (at offset {offset} of {:?})", truncate(&sql, 200)),
+        ),
+        E::InvalidColumnType(..) | E::InvalidColumnIndex(_) | E::InvalidColumnName(_) => {
+            ApiError::bad_request("sql_error", e.to_string())
+        }
+        other => ApiError::internal(format!("database error: {other}")),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Access to the database inside one transaction.
+pub struct Tx<'a> {
+    db: &'a mut ObjectDb,
+}
+
+impl Tx<'_> {
+    /// The connection for Colony's own statements (KV table, bookkeeping).
+    pub fn internal(&self) -> &Connection {
+        self.db.user_mode.store(false, Ordering::Relaxed);
+        &self.db.conn
+    }
+
+    /// The connection for client-supplied SQL: reserved tables, transaction control, ATTACH
+    /// and most PRAGMAs are refused while it is in use.
+    pub fn user(&self) -> &Connection {
+        self.db.user_mode.store(true, Ordering::Relaxed);
+        &self.db.conn
+    }
+
+    pub fn map_error(&self, e: rusqlite::Error) -> ApiError {
+        self.db.map_error(e)
+    }
+
+    pub fn db(&mut self) -> &mut ObjectDb {
+        self.db
+    }
+}

@@ -1,0 +1,216 @@
+//! The output gate of one object.
+//!
+//! An object commits locally and goes on with its next request while the node log makes the
+//! commit durable. Every response is held until everything the object submitted before it is
+//! durable — also reads and errors, since they may reveal state that is not durable yet. If a
+//! commit fails, every response held behind it fails too, and the object must reset before it
+//! serves again.
+
+use crate::error::ApiError;
+use crate::storage::log::LogError;
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Sends a held response: `Ok` once everything before it is durable, or the failure.
+pub type Release = Box<dyn FnOnce(Result<(), ApiError>) + Send>;
+
+#[derive(Default)]
+struct GateState {
+    submitted: u64,
+    settled: u64,
+    failure: Option<ApiError>,
+    /// Log position of the newest durable commit.
+    last_lsn: u64,
+    waiters: VecDeque<(u64, Release)>,
+}
+
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    settled_cv: Condvar,
+}
+
+pub fn api_error_of(e: &LogError) -> ApiError {
+    match e {
+        LogError::DiskFull(m) => ApiError::new(
+            507,
+            "storage_full",
+            format!("the write could not be made durable: disk full ({m})"),
+        ),
+        LogError::Io(m) => ApiError::internal(format!("the write could not be made durable: {m}")),
+        LogError::Fenced => ApiError::unavailable(
+            "object_reset",
+            "an earlier write of this object could not be made durable; the object was reset, retry",
+        ),
+        LogError::Closed => ApiError::unavailable("shutting_down", "the node is shutting down"),
+    }
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a commit about to be logged; returns its ticket for [`Gate::settle`].
+    pub fn submit(&self) -> u64 {
+        let mut s = self.lock();
+        s.submitted += 1;
+        s.submitted
+    }
+
+    /// Called (in ticket order) when the log has made commit `ticket` durable or failed it.
+    pub fn settle(&self, ticket: u64, result: Result<u64, LogError>) {
+        let released: Vec<(Release, Result<(), ApiError>)> = {
+            let mut s = self.lock();
+            s.settled = s.settled.max(ticket);
+            match result {
+                Ok(lsn) => s.last_lsn = s.last_lsn.max(lsn),
+                Err(e) => {
+                    if s.failure.is_none() {
+                        s.failure = Some(api_error_of(&e));
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            while s.waiters.front().is_some_and(|(t, _)| *t <= s.settled) {
+                if let Some((_, release)) = s.waiters.pop_front() {
+                    out.push((release, s.failure.clone().map_or(Ok(()), Err)));
+                }
+            }
+            out
+        };
+        self.settled_cv.notify_all();
+        for (release, result) in released {
+            release(result);
+        }
+    }
+
+    /// Runs `release` once everything submitted so far is durable (at once if it already is).
+    pub fn hold(&self, release: Release) {
+        let mut s = self.lock();
+        if s.settled >= s.submitted {
+            let result = s.failure.clone().map_or(Ok(()), Err);
+            drop(s);
+            release(result);
+        } else {
+            let target = s.submitted;
+            s.waiters.push_back((target, release));
+        }
+    }
+
+    pub fn pending(&self) -> bool {
+        let s = self.lock();
+        s.settled < s.submitted
+    }
+
+    /// Blocks until everything submitted is settled; the newest durable LSN, or the failure.
+    pub fn wait_settled(&self) -> Result<u64, ApiError> {
+        let mut s = self.lock();
+        while s.settled < s.submitted {
+            s = self
+                .settled_cv
+                .wait(s)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        match &s.failure {
+            Some(e) => Err(e.clone()),
+            None => Ok(s.last_lsn),
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        self.lock().failure.is_some()
+    }
+
+    /// After a reset: the object serves again.
+    pub fn clear_failure(&self) {
+        self.lock().failure = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::mpsc;
+
+    fn recorder() -> (Release, mpsc::Receiver<Result<(), ApiError>>) {
+        let (tx, rx) = mpsc::channel();
+        (
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+            rx,
+        )
+    }
+
+    #[test]
+    fn responses_wait_for_everything_submitted_before_them() {
+        let gate = Gate::default();
+        let (r0, rx0) = recorder();
+        gate.hold(r0);
+        assert_eq!(
+            rx0.try_recv(),
+            Ok(Ok(())),
+            "nothing pending: released at once"
+        );
+        let t1 = gate.submit();
+        let (r1, rx1) = recorder();
+        gate.hold(r1);
+        let t2 = gate.submit();
+        let (r2, rx2) = recorder();
+        gate.hold(r2);
+        assert!(rx1.try_recv().is_err() && rx2.try_recv().is_err());
+        gate.settle(t1, Ok(100));
+        assert_eq!(rx1.try_recv(), Ok(Ok(())));
+        assert!(
+            rx2.try_recv().is_err(),
+            "still waiting for the second commit"
+        );
+        gate.settle(t2, Ok(200));
+        assert_eq!(rx2.try_recv(), Ok(Ok(())));
+        assert_eq!(gate.wait_settled(), Ok(200));
+    }
+
+    #[test]
+    fn a_failed_commit_fails_everything_held_behind_it_until_cleared() {
+        let gate = Arc::new(Gate::default());
+        let t1 = gate.submit();
+        let (r1, rx1) = recorder();
+        gate.hold(r1);
+        let t2 = gate.submit();
+        let (r2, rx2) = recorder();
+        gate.hold(r2);
+        gate.settle(t1, Err(LogError::DiskFull("no space".into())));
+        assert_eq!(
+            rx1.try_recv().map(|r| r.map_err(|e| e.status)),
+            Ok(Err(507))
+        );
+        gate.settle(t2, Err(LogError::Fenced));
+        assert_eq!(
+            rx2.try_recv().map(|r| r.map_err(|e| e.status)),
+            Ok(Err(507)),
+            "the first failure is reported"
+        );
+        assert!(gate.failed());
+        assert!(gate.wait_settled().is_err());
+        gate.clear_failure();
+        let (r3, rx3) = recorder();
+        gate.hold(r3);
+        assert_eq!(rx3.try_recv(), Ok(Ok(())));
+    }
+
+    #[test]
+    fn wait_settled_blocks_until_the_log_answers() {
+        let gate = Arc::new(Gate::default());
+        let t = gate.submit();
+        let g = gate.clone();
+        let waiter = std::thread::spawn(move || g.wait_settled());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waiter.is_finished());
+        gate.settle(t, Ok(7));
+        assert_eq!(waiter.join().ok(), Some(Ok(7)));
+    }
+}

@@ -1,0 +1,36 @@
+//! Durable objects: each an actor that owns one SQLite database and runs its requests one at a
+//! time, in arrival order.
+
+mod actor;
+pub mod authorizer;
+pub mod db;
+pub mod gate;
+pub mod kv;
+mod registry;
+pub mod sql;
+pub mod values;
+
+pub use registry::{ObjectEnv, Objects, db_path, sqlite_memory_used};
+
+use crate::error::ApiError;
+
+/// What a client asks of an object, validated already.
+pub enum Request {
+    Sql(sql::SqlPlan),
+    KvGet(String),
+    KvPut {
+        key: String,
+        encoded: String,
+    },
+    KvDelete(String),
+    KvList(kv::ListOptions),
+    KvBatch {
+        batch: kv::KvBatch,
+        puts: Vec<(String, String)>,
+    },
+    Info,
+    DeleteAll,
+}
+
+/// A response body (JSON) or an error.
+pub type Reply = Result<Vec<u8>, ApiError>;

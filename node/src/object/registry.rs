@@ -1,0 +1,301 @@
+//! The objects of a node: finds or creates an object's actor, schedules it on a blocking thread
+//! when it has work, and closes idle or least-recently-used objects to stay within limits.
+//!
+//! An actor runs on tokio's blocking pool only while its mailbox has work, so an object costs a
+//! small struct while idle, different objects run in parallel on all cores, and a runaway
+//! statement in one object (stopped by its time limit) never holds up others.
+
+use super::actor::{Actor, Job};
+use super::gate::Gate;
+use super::{Reply, Request};
+use crate::config::StorageConfig;
+use crate::error::ApiError;
+use crate::id::ObjectId;
+use crate::metrics::Metrics;
+use crate::namespace::Namespace;
+use crate::storage::log::NodeLog;
+use crate::storage::record::ObjectKey;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What every actor shares.
+pub struct ObjectEnv {
+    pub log: NodeLog,
+    pub log_dir: PathBuf,
+    pub objects_dir: PathBuf,
+    pub storage: StorageConfig,
+    pub metrics: Arc<Metrics>,
+    resident: AtomicUsize,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ObjectEnv {
+    pub fn new(
+        log: NodeLog,
+        log_dir: PathBuf,
+        objects_dir: PathBuf,
+        storage: StorageConfig,
+        metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        ObjectEnv {
+            log,
+            log_dir,
+            objects_dir,
+            storage,
+            metrics,
+            resident: AtomicUsize::new(0),
+            runtime,
+        }
+    }
+
+    /// `objects/<namespace>/<first two hex digits>/<id>.db`
+    pub fn db_path(&self, key: &ObjectKey) -> PathBuf {
+        db_path(&self.objects_dir, key)
+    }
+
+    pub(super) fn note_opened(&self, handle: &ObjectHandle) {
+        handle.open.store(true, Ordering::Relaxed);
+        self.resident.fetch_add(1, Ordering::Relaxed);
+        self.metrics.objects.resident.inc();
+    }
+
+    pub(super) fn note_closed(&self, handle: &ObjectHandle) {
+        handle.open.store(false, Ordering::Relaxed);
+        self.resident.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.objects.resident.dec();
+    }
+
+    pub fn resident(&self) -> usize {
+        self.resident.load(Ordering::Relaxed)
+    }
+}
+
+pub fn db_path(objects_dir: &std::path::Path, key: &ObjectKey) -> PathBuf {
+    let hex = key.id.to_hex();
+    objects_dir
+        .join(&*key.namespace)
+        .join(&hex[..2])
+        .join(format!("{hex}.db"))
+}
+
+struct HandleState {
+    mailbox: VecDeque<Job>,
+    running: bool,
+    /// Taken out of the map: enqueuers must look the object up again.
+    removed: bool,
+    /// The actor, while no thread runs it.
+    actor: Option<Actor>,
+}
+
+pub struct ObjectHandle {
+    pub key: ObjectKey,
+    pub ns: Arc<Namespace>,
+    pub gate: Arc<Gate>,
+    state: Mutex<HandleState>,
+    last_used_ms: AtomicU64,
+    open: AtomicBool,
+}
+
+impl ObjectHandle {
+    fn state(&self) -> MutexGuard<'_, HandleState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// All objects of the node.
+pub struct Objects {
+    map: Mutex<HashMap<ObjectKey, Arc<ObjectHandle>>>,
+    env: Arc<ObjectEnv>,
+}
+
+impl Objects {
+    pub fn new(env: Arc<ObjectEnv>) -> Arc<Self> {
+        Arc::new(Objects {
+            map: Mutex::new(HashMap::new()),
+            env,
+        })
+    }
+
+    pub fn env(&self) -> &Arc<ObjectEnv> {
+        &self.env
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<ObjectKey, Arc<ObjectHandle>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handle(&self, ns: &Arc<Namespace>, key: &ObjectKey) -> Arc<ObjectHandle> {
+        let mut map = self.map();
+        if let Some(h) = map.get(key) {
+            return h.clone();
+        }
+        let h = Arc::new(ObjectHandle {
+            key: key.clone(),
+            ns: ns.clone(),
+            gate: Arc::new(Gate::default()),
+            state: Mutex::new(HandleState {
+                mailbox: VecDeque::new(),
+                running: false,
+                removed: false,
+                actor: Some(Actor::default()),
+            }),
+            last_used_ms: AtomicU64::new(now_ms()),
+            open: AtomicBool::new(false),
+        });
+        map.insert(key.clone(), h.clone());
+        h
+    }
+
+    /// Queues `job` on the object's mailbox and makes sure a thread runs it.
+    fn enqueue(&self, ns: &Arc<Namespace>, id: ObjectId, job: Job) {
+        let key = ObjectKey::new(ns.name.clone(), id);
+        loop {
+            let handle = self.handle(ns, &key);
+            let mut st = handle.state();
+            if st.removed {
+                continue;
+            }
+            st.mailbox.push_back(job);
+            handle.last_used_ms.store(now_ms(), Ordering::Relaxed);
+            if !st.running {
+                st.running = true;
+                drop(st);
+                self.env.metrics.objects.active.inc();
+                let env = self.env.clone();
+                self.env.runtime.spawn_blocking(move || run(handle, env));
+            }
+            return;
+        }
+    }
+
+    /// Sends a request to an object and waits for its (durable) answer.
+    pub async fn call(&self, ns: &Arc<Namespace>, id: ObjectId, request: Request) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(ns, id, Job::Client { request, reply: tx });
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::internal("the object stopped before answering")))
+    }
+
+    /// Closes idle objects, keeps the number of open objects and SQLite's memory within limits,
+    /// drops the bookkeeping of closed objects, and checkpoints objects that hold the oldest log
+    /// segment back. Run periodically.
+    pub fn housekeep(&self, namespaces: &HashMap<String, Arc<Namespace>>) {
+        let now = now_ms();
+        let idle_ms = self.env.storage.idle_timeout.0.as_millis() as u64;
+        let handles: Vec<Arc<ObjectHandle>> = self.map().values().cloned().collect();
+        let mut open_idle: Vec<(u64, Arc<ObjectHandle>)> = Vec::new();
+        let mut closed: Vec<Arc<ObjectHandle>> = Vec::new();
+        for h in handles {
+            let busy = {
+                let st = h.state();
+                st.running || !st.mailbox.is_empty()
+            };
+            if busy {
+                continue;
+            }
+            let last = h.last_used_ms.load(Ordering::Relaxed);
+            if !h.open.load(Ordering::Relaxed) {
+                closed.push(h);
+            } else if now.saturating_sub(last) >= idle_ms {
+                self.enqueue(&h.ns, h.key.id, Job::Close);
+            } else {
+                open_idle.push((last, h));
+            }
+        }
+        // Least recently used first, until within the open-object and memory limits.
+        let max_open = self.env.storage.max_open_objects;
+        let memory_limit = self.env.storage.memory_limit.0 as i64;
+        let mut excess = self.env.resident().saturating_sub(max_open);
+        if sqlite_memory_used() > memory_limit {
+            excess = excess.max(self.env.resident() / 8 + 1);
+        }
+        if excess > 0 {
+            open_idle.sort_by_key(|(last, _)| *last);
+            for (_, h) in open_idle.into_iter().take(excess) {
+                self.enqueue(&h.ns, h.key.id, Job::Close);
+            }
+        }
+        if !closed.is_empty() {
+            let mut map = self.map();
+            for h in closed {
+                let mut st = h.state();
+                if !st.running
+                    && st.mailbox.is_empty()
+                    && !h.open.load(Ordering::Relaxed)
+                    && !h.gate.pending()
+                {
+                    st.removed = true;
+                    map.remove(&h.key);
+                }
+            }
+        }
+        for key in self.env.log.shared().blockers() {
+            if let Some(ns) = namespaces.get(&*key.namespace) {
+                self.enqueue(ns, key.id, Job::Checkpoint);
+            }
+        }
+    }
+
+    /// Runs [`Objects::housekeep`] every `period` until the process ends.
+    pub fn spawn_housekeeping(
+        self: &Arc<Self>,
+        namespaces: HashMap<String, Arc<Namespace>>,
+        period: Duration,
+    ) {
+        let objects = Arc::downgrade(self);
+        self.env.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(objects) = objects.upgrade() else {
+                    return;
+                };
+                let ns = namespaces.clone();
+                // The scan locks mutexes and may touch many handles: keep it off the async workers.
+                let _ = tokio::task::spawn_blocking(move || objects.housekeep(&ns)).await;
+            }
+        });
+    }
+
+    /// Number of objects with bookkeeping in memory.
+    pub fn tracked(&self) -> usize {
+        self.map().len()
+    }
+}
+
+/// Bytes SQLite has allocated (all connections).
+pub fn sqlite_memory_used() -> i64 {
+    // SAFETY: sqlite3_memory_used has no preconditions.
+    unsafe { rusqlite::ffi::sqlite3_memory_used() }
+}
+
+/// An actor's thread: drains the mailbox, then parks the actor back in its handle.
+fn run(handle: Arc<ObjectHandle>, env: Arc<ObjectEnv>) {
+    let mut actor = handle.state().actor.take().unwrap_or_default();
+    loop {
+        let job = {
+            let mut st = handle.state();
+            match st.mailbox.pop_front() {
+                Some(job) => job,
+                None => {
+                    st.running = false;
+                    st.actor = Some(actor);
+                    break;
+                }
+            }
+        };
+        actor.process(job, &handle, &env);
+    }
+    env.metrics.objects.active.dec();
+}

@@ -1,0 +1,228 @@
+//! Starting a node: recover storage, open the log, serve HTTP.
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::namespace::Namespace;
+use crate::object::{ObjectEnv, Objects};
+use crate::storage::log::{self, LogRunner};
+use crate::storage::record::ObjectKey;
+use crate::storage::recovery::{self, RecoveryReport};
+use crate::{http, keys};
+use std::collections::HashMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Keys(#[from] keys::KeysError),
+    #[error("storage at {path}: {source}")]
+    Storage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn storage_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |source| StartError::Storage {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A running node's state, shared by its HTTP handlers.
+pub struct Node {
+    pub config: NodeConfig,
+    pub namespaces: HashMap<String, Arc<Namespace>>,
+    pub objects: Arc<Objects>,
+    pub metrics: Arc<Metrics>,
+    pub recovery: RecoveryReport,
+    _log: LogRunner,
+}
+
+impl Node {
+    pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
+        self.namespaces.get(name)
+    }
+}
+
+/// Lets the node hold one file descriptor per open database file and more.
+fn raise_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    }
+}
+
+/// Walks `objects/<ns>/<xx>/<id>.db`: discards every `-wal`/`-shm` (the node log supersedes
+/// them), removes empty database files, and indexes the rest. Returns total database bytes.
+fn scan_objects(
+    objects_dir: &Path,
+    namespaces: &HashMap<String, Arc<Namespace>>,
+) -> std::io::Result<u64> {
+    let mut bytes = 0u64;
+    let Ok(ns_dirs) = fs::read_dir(objects_dir) else {
+        return Ok(0);
+    };
+    for ns_dir in ns_dirs {
+        let ns_dir = ns_dir?;
+        let ns_name = ns_dir.file_name().to_string_lossy().to_string();
+        let ns = namespaces.get(&ns_name);
+        for shard in fs::read_dir(ns_dir.path())? {
+            for entry in fs::read_dir(shard?.path())? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.ends_with("-wal") || name.ends_with("-shm") || name.ends_with("-journal") {
+                    fs::remove_file(entry.path())?;
+                    continue;
+                }
+                let Some(hex) = name.strip_suffix(".db") else {
+                    continue;
+                };
+                let len = entry.metadata()?.len();
+                if len == 0 {
+                    fs::remove_file(entry.path())?;
+                    continue;
+                }
+                bytes += len;
+                if let (Some(ns), Ok(id)) = (ns, hex.parse()) {
+                    ns.mark_has_data(id);
+                }
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Recovers storage and starts serving; returns once the node listens.
+pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpListener), StartError> {
+    config.validate()?;
+    raise_file_limit();
+    let data = config.data_dir.clone();
+    let log_dir = data.join("log");
+    let objects_dir = data.join("objects");
+    fs::create_dir_all(&objects_dir).map_err(storage_err(&objects_dir))?;
+
+    let mut namespaces = HashMap::new();
+    for ns in &config.namespaces {
+        let keys = match &config.keys_dir {
+            Some(dir) => keys::load(dir, &ns.name)?,
+            None => keys::load_or_generate(&data.join("keys"), &ns.name)?,
+        };
+        namespaces.insert(ns.name.clone(), Arc::new(Namespace::new(ns.clone(), keys)));
+    }
+
+    let (report, db_bytes) = {
+        let (logs, objs) = (log_dir.clone(), objects_dir.clone());
+        let namespaces = namespaces.clone();
+        tokio::task::spawn_blocking(move || -> Result<(RecoveryReport, u64), StartError> {
+            let report =
+                recovery::recover(&logs, |key: &ObjectKey| crate::object::db_path(&objs, key))
+                    .map_err(storage_err(&logs))?;
+            let bytes = scan_objects(&objs, &namespaces).map_err(storage_err(&objs))?;
+            Ok((report, bytes))
+        })
+        .await
+        .map_err(|e| StartError::Storage {
+            path: log_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })??
+    };
+    if report.records > 0 {
+        tracing::info!(
+            records = report.records,
+            page_sets = report.page_sets_applied,
+            objects = report.objects_touched,
+            "recovered object databases from the node log"
+        );
+    }
+
+    let metrics = Metrics::new();
+    metrics.objects.database_bytes.set(db_bytes as i64);
+    let runner = log::start(
+        &log_dir,
+        config.storage.log_segment_bytes.0,
+        report.next_lsn,
+        metrics.log.clone(),
+    )
+    .map_err(storage_err(&log_dir))?;
+    let mut storage = config.storage.clone();
+    // Each open database holds about three descriptors; keep a reserve for sockets.
+    let fd_budget = (open_file_limit().saturating_sub(1024) / 3).max(16) as usize;
+    if storage.max_open_objects > fd_budget {
+        tracing::info!(
+            configured = storage.max_open_objects,
+            allowed = fd_budget,
+            "limiting open objects to what the file-descriptor limit allows"
+        );
+        storage.max_open_objects = fd_budget;
+    }
+    let env = Arc::new(ObjectEnv::new(
+        runner.log(),
+        log_dir,
+        objects_dir,
+        storage,
+        metrics.clone(),
+        tokio::runtime::Handle::current(),
+    ));
+    let objects = Objects::new(env);
+    objects.spawn_housekeeping(namespaces.clone(), Duration::from_millis(250));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let node = Arc::new(Node {
+        config,
+        namespaces,
+        objects,
+        metrics,
+        recovery: report,
+        _log: runner,
+    });
+    Ok((node, listener))
+}
+
+/// Serves the HTTP API until `shutdown` resolves.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = http::router(node);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,8 @@
+//! Durability: the node log, the record format it shares with replication and archiving, WAL
+//! capture, and recovery.
+
+pub mod log;
+pub mod record;
+pub mod recovery;
+pub mod segments;
+pub mod wal;
