@@ -9,6 +9,8 @@ pub struct ApiError {
     /// Stable, machine-readable: `limit_exceeded`, `sql_error`, ...
     pub code: &'static str,
     pub message: String,
+    /// Close the HTTP connection after answering (the request body was left unread).
+    pub close_connection: bool,
 }
 
 impl ApiError {
@@ -17,6 +19,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            close_connection: false,
         }
     }
 

@@ -110,7 +110,7 @@ fn scan_objects(
                     continue;
                 };
                 let len = entry.metadata()?.len();
-                if len == 0 {
+                if len == 0 || (len <= 4096 && schema_is_empty(&entry.path())?) {
                     fs::remove_file(entry.path())?;
                     continue;
                 }
@@ -122,6 +122,18 @@ fn scan_objects(
         }
     }
     Ok(bytes)
+}
+
+/// Whether a one-page database file has an empty schema: page 1 holds the `sqlite_schema` root
+/// after the 100-byte file header, and bytes 103..105 of the file count its cells.
+fn schema_is_empty(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut cells = [0u8; 2];
+    match fs::File::open(path)?.read_exact_at(&mut cells, 103) {
+        Ok(()) => Ok(u16::from_be_bytes(cells) == 0),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// Recovers storage and starts serving; returns once the node listens.

@@ -24,7 +24,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self.body()).unwrap_or_default();
-        json_response(status, body)
+        let mut resp = json_response(status, body);
+        if self.close_connection {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 
@@ -60,11 +65,13 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 pub async fn read_body(body: Body, ns: &Namespace) -> Result<axum::body::Bytes, ApiError> {
     let limit = ns.config.limits.max_request_bytes.0 as usize;
     axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::limit(
+        let mut e = ApiError::limit(
             413,
             "maxRequestBytes",
             format!("the request body is larger than {limit} bytes"),
-        )
+        );
+        e.close_connection = true;
+        e
     })
 }
 

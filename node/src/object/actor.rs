@@ -127,7 +127,7 @@ impl Actor {
                 value: to_body(&json!({
                     "id": handle.key.id.to_hex(),
                     "namespace": &*handle.key.namespace,
-                    "sizeBytes": db.size_bytes(),
+                    "sizeBytes": if db.is_empty()? { 0 } else { db.size_bytes() },
                 }))?,
                 pages: None,
             },
@@ -215,10 +215,23 @@ impl Actor {
             return;
         };
         match db.checkpoint() {
-            Ok(()) => {
+            Ok(Some(file)) => {
                 env.metrics.objects.checkpoints.inc();
-                self.append_checkpoint_marker(handle, env, upto);
+                // The marker may only be logged once the database file is durable; the sync runs
+                // off this thread so the object keeps serving meanwhile.
+                let (log, key, generation) = (env.log.clone(), handle.key.clone(), self.generation);
+                env.spawn_blocking(move || match file.sync_data() {
+                    Ok(()) => log.append(Append {
+                        kind: RecordKind::Checkpoint,
+                        payload: encode_checkpoint(&key, upto),
+                        object: key,
+                        generation,
+                        done: Box::new(|_| {}),
+                    }),
+                    Err(e) => tracing::warn!(object = %key, error = %e, "cannot sync a checkpointed database; the log keeps covering it"),
+                });
             }
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(object = %handle.key, error = %e, "checkpoint failed; will retry")
             }

@@ -16,12 +16,19 @@ use crate::storage::wal::{CapturedCommit, FRAME_HEADER_BYTES, WalReader};
 use rusqlite::config::DbConfig;
 use rusqlite::limits::Limit;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const PAGE_SIZE: u32 = 4096;
+
+/// Every statement Colony prepares for itself starts with this comment. SQLite's statement cache
+/// is keyed by the statement text, and the authorizer only runs when a statement is prepared, so
+/// client SQL with the same text as an internal statement must never be served from the cache:
+/// client statements starting with the mark are prepared afresh, under the client's rules.
+pub const INTERNAL_MARK: &str = "/*colony*/";
 
 fn epoch() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -54,6 +61,9 @@ pub struct ObjectDb {
     db_pages: u32,
     max_pages: u64,
     kv_table: Option<bool>,
+    /// Our own descriptor on the database file, to fsync it after checkpoints. Kept open as long
+    /// as the connection: closing a descriptor drops the process's POSIX locks on the file.
+    db_file: Arc<File>,
 }
 
 fn sqlite_err(e: rusqlite::Error) -> ApiError {
@@ -153,6 +163,10 @@ impl ObjectDb {
         let db_pages: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sqlite_err)?;
+        let db_file = Arc::new(
+            File::open(path)
+                .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?,
+        );
         Ok(ObjectDb {
             conn,
             key,
@@ -166,6 +180,7 @@ impl ObjectDb {
             db_pages,
             max_pages,
             kv_table: None,
+            db_file,
         })
     }
 
@@ -180,6 +195,18 @@ impl ObjectDb {
     /// Database size in bytes as of the last commit.
     pub fn size_bytes(&self) -> u64 {
         u64::from(self.db_pages) * u64::from(PAGE_SIZE)
+    }
+
+    /// True when the database has no table, index, view or trigger: an object that was only
+    /// read. (Switching a new file to WAL mode writes an empty first page, so size alone
+    /// cannot tell.)
+    pub fn is_empty(&self) -> Result<bool, ApiError> {
+        self.user_mode.store(false, Ordering::Relaxed);
+        self.conn
+            .query_row("SELECT NOT EXISTS (SELECT 1 FROM sqlite_schema)", [], |r| {
+                r.get(0)
+            })
+            .map_err(sqlite_err)
     }
 
     /// Bytes of frames in the WAL not yet checkpointed.
@@ -215,13 +242,16 @@ impl ObjectDb {
         work: impl FnOnce(&mut Tx<'_>) -> Result<T, ApiError>,
     ) -> Result<Committed<T>, ApiError> {
         self.user_mode.store(false, Ordering::Relaxed);
+        if let Ok(mut d) = self.denial.lock() {
+            *d = None;
+        }
         self.deadline.store(
             nanos_since_epoch(Instant::now() + time_limit),
             Ordering::Relaxed,
         );
         let begun = self
             .conn
-            .prepare_cached("BEGIN IMMEDIATE")
+            .prepare_cached("/*colony*/ BEGIN IMMEDIATE")
             .and_then(|mut s| s.execute([]));
         if let Err(e) = begun {
             self.deadline.store(0, Ordering::Relaxed);
@@ -236,7 +266,7 @@ impl ObjectDb {
         let committed = result.and_then(|value| {
             match self
                 .conn
-                .prepare_cached("COMMIT")
+                .prepare_cached("/*colony*/ COMMIT")
                 .and_then(|mut s| s.execute([]))
             {
                 Ok(_) => Ok(value),
@@ -284,31 +314,26 @@ impl ObjectDb {
         Ok(Some(captured))
     }
 
-    /// Copies every WAL frame into the database file, fsyncs it, and empties the WAL. Only call
-    /// once the node log holds every captured commit durably.
-    pub fn checkpoint(&mut self) -> Result<(), ApiError> {
+    /// Copies every WAL frame into the database file and empties the WAL. Only call once the
+    /// node log holds every captured commit durably. The database file is *not* synced here:
+    /// the caller syncs the returned handle (off the actor's thread) before it records the
+    /// checkpoint, since until then the node log still covers everything.
+    pub fn checkpoint(&mut self) -> Result<Option<Arc<File>>, ApiError> {
         if self.frames_captured == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        // synchronous=NORMAL makes the checkpoint fsync the database file before it truncates
-        // the WAL; OFF again afterwards for ordinary commits.
-        self.conn
-            .execute_batch("PRAGMA synchronous=NORMAL")
+        let (busy, _, _): (i64, i64, i64) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .map_err(sqlite_err)?;
-        let result: Result<(i64, i64, i64), _> =
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                });
-        let restored = self.conn.execute_batch("PRAGMA synchronous=OFF");
-        let (busy, _, _) = result.map_err(sqlite_err)?;
-        restored.map_err(sqlite_err)?;
         if busy != 0 {
             return Err(ApiError::internal("checkpoint could not complete"));
         }
         self.frames_captured = 0;
         self.wal_frames.store(0, Ordering::Release);
-        Ok(())
+        Ok(Some(self.db_file.clone()))
     }
 
     pub fn path(&self) -> &Path {
@@ -346,9 +371,18 @@ pub fn map_sqlite_error(
     at_page_limit: bool,
 ) -> ApiError {
     use rusqlite::Error as E;
+    // Refusals by the authorizer surface as several error shapes; the recorded reason decides.
+    if let Some(why) = denial.as_ref()
+        && e.to_string().contains("not authorized")
+    {
+        return ApiError::bad_request("not_allowed", why.0.clone());
+    }
     match e {
         E::SqliteFailure(f, msg) => {
             let msg = msg.unwrap_or_else(|| f.to_string());
+            if names_reserved_table(&msg) {
+                return reserved_table_error();
+            }
             match f.code {
                 ErrorCode::OperationInterrupted => ApiError::limit(
                     408,
@@ -400,6 +434,7 @@ pub fn map_sqlite_error(
             "invalid_params",
             format!("the statement has no parameter named {name:?}"),
         ),
+        E::SqlInputError { msg, .. } if names_reserved_table(&msg) => reserved_table_error(),
         E::SqlInputError {
             msg, sql, offset, ..
         } => ApiError::bad_request(
@@ -411,6 +446,18 @@ pub fn map_sqlite_error(
         }
         other => ApiError::internal(format!("database error: {other}")),
     }
+}
+
+/// SQLite reports a missing reserved table before the authorizer sees the statement.
+fn names_reserved_table(msg: &str) -> bool {
+    msg.contains("no such table: _colony_") || msg.contains("no such table: main._colony_")
+}
+
+fn reserved_table_error() -> ApiError {
+    ApiError::bad_request(
+        "not_allowed",
+        "tables named _colony_* are reserved for Colony (key/value storage lives there)",
+    )
 }
 
 fn truncate(s: &str, n: usize) -> &str {

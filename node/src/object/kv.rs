@@ -77,8 +77,8 @@ pub fn get(tx: &mut Tx<'_>, key: &str) -> Result<Option<Json>, ApiError> {
     let text: Option<String> = {
         let conn = tx.internal();
         let mut stmt = conn
-            .prepare_cached("SELECT value FROM _colony_kv WHERE key = ?1")
-            .map_err(|e| tx_err(e))?;
+            .prepare_cached("/*colony*/ SELECT value FROM _colony_kv WHERE key = ?1")
+            .map_err(tx_err)?;
         stmt.query_row([key.as_bytes()], |r| r.get(0))
             .optional()
             .map_err(tx_err)?
@@ -94,7 +94,7 @@ pub fn put(tx: &mut Tx<'_>, key: &str, encoded: &str) -> Result<(), ApiError> {
     ensure_table(tx)?;
     let result = tx
         .internal()
-        .prepare_cached("INSERT INTO _colony_kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+        .prepare_cached("/*colony*/ INSERT INTO _colony_kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
         .and_then(|mut s| s.execute(rusqlite::params![key.as_bytes(), encoded]));
     result.map(|_| ()).map_err(|e| tx.map_error(e))
 }
@@ -106,7 +106,7 @@ pub fn delete(tx: &mut Tx<'_>, key: &str) -> Result<bool, ApiError> {
     }
     let result = tx
         .internal()
-        .prepare_cached("DELETE FROM _colony_kv WHERE key = ?1")
+        .prepare_cached("/*colony*/ DELETE FROM _colony_kv WHERE key = ?1")
         .and_then(|mut s| s.execute([key.as_bytes()]));
     result.map(|n| n > 0).map_err(|e| tx.map_error(e))
 }
@@ -183,7 +183,7 @@ pub fn list(tx: &mut Tx<'_>, opts: &ListOptions) -> Result<ListPage, ApiError> {
         (None, _) => (None, None),
     };
     let sql = format!(
-        "SELECT key, value FROM _colony_kv WHERE (?1 IS NULL OR key >= ?1) AND (?2 IS NULL OR key < ?2) \
+        "/*colony*/ SELECT key, value FROM _colony_kv WHERE (?1 IS NULL OR key >= ?1) AND (?2 IS NULL OR key < ?2) \
          AND (?3 IS NULL OR key > ?3) AND (?4 IS NULL OR key < ?4) ORDER BY key {} LIMIT ?5",
         if opts.reverse { "DESC" } else { "ASC" }
     );

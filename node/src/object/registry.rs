@@ -75,6 +75,10 @@ impl ObjectEnv {
         self.metrics.objects.resident.dec();
     }
 
+    pub fn spawn_blocking(&self, work: impl FnOnce() + Send + 'static) {
+        self.runtime.spawn_blocking(work);
+    }
+
     pub fn resident(&self) -> usize {
         self.resident.load(Ordering::Relaxed)
     }

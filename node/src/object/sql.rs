@@ -1,6 +1,6 @@
 //! Client SQL: one statement, or a batch run as one transaction.
 
-use super::db::Tx;
+use super::db::{INTERNAL_MARK, Tx};
 use super::values::{json_from_sql, param_from_json};
 use crate::config::Limits;
 use crate::error::ApiError;
@@ -194,12 +194,26 @@ pub fn execute(
     index: Option<usize>,
 ) -> Result<StatementResult, ApiError> {
     let conn = tx.user();
-    let prepared = conn.prepare_cached(&statement.sql);
-    let mut stmt = match prepared {
-        Ok(s) => s,
-        Err(e) => return Err(with_position(tx.map_error(e), index)),
+    let internal_looking = statement.sql.trim_start().starts_with(INTERNAL_MARK);
+    let (mut fresh, mut cached);
+    let stmt: &mut rusqlite::Statement<'_> = if internal_looking {
+        match conn.prepare(&statement.sql) {
+            Ok(s) => {
+                fresh = s;
+                &mut fresh
+            }
+            Err(e) => return Err(with_position(tx.map_error(e), index)),
+        }
+    } else {
+        match conn.prepare_cached(&statement.sql) {
+            Ok(s) => {
+                cached = s;
+                &mut cached
+            }
+            Err(e) => return Err(with_position(tx.map_error(e), index)),
+        }
     };
-    let bind = |stmt: &mut rusqlite::CachedStatement<'_>| -> Result<(), ApiError> {
+    let bind = |stmt: &mut rusqlite::Statement<'_>| -> Result<(), ApiError> {
         match &statement.params {
             Params::Positional(values) => {
                 let expected = stmt.parameter_count();
@@ -214,7 +228,7 @@ pub fn execute(
                 }
                 for (i, v) in values.iter().enumerate() {
                     stmt.raw_bind_parameter(i + 1, v)
-                        .map_err(|e| ApiError::bad_request("invalid_params", e.to_string()))?;
+                        .map_err(|e| tx.map_error(e))?;
                 }
             }
             Params::Named(values) => {
@@ -231,19 +245,15 @@ pub fn execute(
                         ));
                     };
                     stmt.raw_bind_parameter(index, v)
-                        .map_err(|e| ApiError::bad_request("invalid_params", e.to_string()))?;
+                        .map_err(|e| tx.map_error(e))?;
                 }
             }
         }
         Ok(())
     };
     stmt.clear_bindings();
-    bind(&mut stmt).map_err(|e| with_position(e, index))?;
-    let columns: Vec<String> = stmt
-        .column_names()
-        .into_iter()
-        .map(str::to_string)
-        .collect();
+    bind(stmt).map_err(|e| with_position(e, index))?;
+    let columns: Vec<String> = stmt.column_names().map(str::to_string).collect();
     let ncols = columns.len();
     let readonly = stmt.readonly();
     let scans_before = stmt.get_status(StatementStatus::FullscanStep);
@@ -263,14 +273,16 @@ pub fn execute(
     if let Err(e) = step_result {
         return Err(with_position(tx.map_error(e), index));
     }
-    let scans = stmt.get_status(StatementStatus::FullscanStep) - scans_before;
+    // A full scan of n rows steps forward n - 1 times; rows returned count as read too.
+    let steps = (stmt.get_status(StatementStatus::FullscanStep) - scans_before).max(0) as u64;
+    let scanned = if steps > 0 { steps + 1 } else { 0 };
     let rows_written = if readonly {
         0
     } else {
         conn.total_changes() - changes_before
     };
     Ok(StatementResult {
-        rows_read: rows_out.len() as u64 + scans.max(0) as u64,
+        rows_read: scanned.max(rows_out.len() as u64),
         rows_written,
         columns,
         rows: rows_out,

@@ -5,6 +5,7 @@
 //! checkpointed database file reproduces the object's database exactly.
 
 use crate::id::{ID_LEN, ObjectId};
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -114,25 +115,33 @@ pub struct PageSetHeader {
     pub page_count: u32,
 }
 
-/// Builds a page-set payload incrementally, so pages are copied once, straight from the WAL.
+/// How the page region of a page set is stored.
+const PAGES_RAW: u8 = 0;
+const PAGES_LZ4: u8 = 1;
+
+/// Builds a page-set payload: pages are collected, then the page region is LZ4-compressed when
+/// that helps. Most pages of small databases are largely empty, and the cost of an fdatasync
+/// grows with the bytes it flushes (about 0.2 ms for a few KiB, 0.7 ms or more for 64 KiB here),
+/// so compression is what lets many concurrent commits share one fsync cheaply.
+///
+/// Payload: `[object][page_size u32][db_pages u32][page_count u32][encoding u8][raw_len u32][data]`
+/// where the raw page region is `([pgno u32][page])*`.
 pub struct PageSetBuilder {
-    buf: Vec<u8>,
-    count_at: usize,
+    head: Vec<u8>,
+    pages: Vec<u8>,
     count: u32,
     page_size: u32,
 }
 
 impl PageSetBuilder {
     pub fn new(object: &ObjectKey, page_size: u32, db_pages: u32, expected_pages: usize) -> Self {
-        let mut buf = Vec::with_capacity(64 + expected_pages * (4 + page_size as usize));
-        encode_object(&mut buf, object);
-        buf.extend_from_slice(&page_size.to_le_bytes());
-        buf.extend_from_slice(&db_pages.to_le_bytes());
-        let count_at = buf.len();
-        buf.extend_from_slice(&0u32.to_le_bytes());
+        let mut head = Vec::with_capacity(64);
+        encode_object(&mut head, object);
+        head.extend_from_slice(&page_size.to_le_bytes());
+        head.extend_from_slice(&db_pages.to_le_bytes());
         PageSetBuilder {
-            buf,
-            count_at,
+            head,
+            pages: Vec::with_capacity(expected_pages * (4 + page_size as usize)),
             count: 0,
             page_size,
         }
@@ -140,8 +149,8 @@ impl PageSetBuilder {
 
     pub fn push(&mut self, pgno: u32, page: &[u8]) {
         debug_assert_eq!(page.len(), self.page_size as usize);
-        self.buf.extend_from_slice(&pgno.to_le_bytes());
-        self.buf.extend_from_slice(page);
+        self.pages.extend_from_slice(&pgno.to_le_bytes());
+        self.pages.extend_from_slice(page);
         self.count += 1;
     }
 
@@ -149,16 +158,27 @@ impl PageSetBuilder {
         self.count
     }
 
-    pub fn finish(mut self) -> Vec<u8> {
-        self.buf[self.count_at..self.count_at + 4].copy_from_slice(&self.count.to_le_bytes());
-        self.buf
+    pub fn finish(self) -> Vec<u8> {
+        let compressed = lz4_flex::block::compress(&self.pages);
+        let (encoding, data) = if compressed.len() < self.pages.len() * 9 / 10 {
+            (PAGES_LZ4, &compressed[..])
+        } else {
+            (PAGES_RAW, &self.pages[..])
+        };
+        let mut out = Vec::with_capacity(self.head.len() + 9 + data.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.push(encoding);
+        out.extend_from_slice(&(self.pages.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+        out
     }
 }
 
-/// A decoded page set, borrowing its pages from the payload.
+/// A decoded page set. Its pages borrow from the payload when stored raw.
 pub struct PageSetView<'a> {
     pub header: PageSetHeader,
-    pages: &'a [u8],
+    pages: Cow<'a, [u8]>,
 }
 
 impl<'a> PageSetView<'a> {
@@ -168,11 +188,24 @@ impl<'a> PageSetView<'a> {
         let page_size = r.u32()?;
         let db_pages = r.u32()?;
         let page_count = r.u32()?;
+        let encoding = r.u8()?;
+        let raw_len = r.u32()? as usize;
         if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
             return Err(DecodeError("bad page size"));
         }
         let need = page_count as usize * (4 + page_size as usize);
-        if r.buf.len() != need {
+        if raw_len != need {
+            return Err(DecodeError("page data length does not match page count"));
+        }
+        let pages: Cow<'a, [u8]> = match encoding {
+            PAGES_RAW => Cow::Borrowed(r.buf),
+            PAGES_LZ4 => Cow::Owned(
+                lz4_flex::block::decompress(r.buf, raw_len)
+                    .map_err(|_| DecodeError("corrupt compressed pages"))?,
+            ),
+            _ => return Err(DecodeError("unknown page encoding")),
+        };
+        if pages.len() != need {
             return Err(DecodeError("page data length does not match page count"));
         }
         Ok(PageSetView {
@@ -182,12 +215,12 @@ impl<'a> PageSetView<'a> {
                 db_pages,
                 page_count,
             },
-            pages: r.buf,
+            pages,
         })
     }
 
     /// `(page number, page image)` pairs.
-    pub fn pages(&self) -> impl Iterator<Item = (u32, &'a [u8])> + 'a {
+    pub fn pages(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {
         let size = self.header.page_size as usize;
         self.pages.chunks_exact(4 + size).map(|chunk| {
             let pgno = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
@@ -248,6 +281,32 @@ mod tests {
         let pages: Vec<(u32, u8)> = view.pages().map(|(n, p)| (n, p[0])).collect();
         assert_eq!(pages, vec![(1, 1), (9, 9)]);
         assert_eq!(decode_object_of(&payload), Ok(key()));
+    }
+
+    #[test]
+    fn compressible_pages_are_stored_compressed_and_others_raw() {
+        let mut b = PageSetBuilder::new(&key(), 4096, 1, 1);
+        b.push(1, &[0u8; 4096]);
+        let small = b.finish();
+        assert!(
+            small.len() < 200,
+            "an empty page compresses: {} bytes",
+            small.len()
+        );
+        let mut noise = vec![0u8; 4096];
+        let mut x = 0x9e3779b9u32;
+        for byte in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *byte = x as u8;
+        }
+        let mut b = PageSetBuilder::new(&key(), 4096, 1, 1);
+        b.push(1, &noise);
+        let raw = b.finish();
+        assert!(raw.len() > 4096);
+        let view = PageSetView::decode(&raw).expect("decodes");
+        assert_eq!(view.pages().next().map(|(_, p)| p.to_vec()), Some(noise));
     }
 
     #[test]

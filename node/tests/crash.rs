@@ -1,0 +1,221 @@
+//! kill -9 under write load: every acknowledged write survives, nothing is half applied.
+
+mod common;
+
+use common::TestNode;
+use rand::RngExt;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Small log segments and checkpoint thresholds, so crashes land amid segment switches,
+/// checkpoints and segment retirement too.
+const CONFIG: &str = "listen: {listen}
+dataDir: {data}
+namespaces:
+  - name: default
+storage:
+  logSegmentBytes: 1MiB
+  checkpointWalBytes: 64KiB
+";
+
+const OBJECTS: usize = 6;
+const WRITERS_PER_OBJECT: usize = 2;
+
+#[derive(Default)]
+struct Acked {
+    /// object -> sequence numbers whose SQL batch was acknowledged
+    rows: BTreeMap<String, BTreeSet<i64>>,
+    /// object -> key/value keys whose put was acknowledged
+    keys: BTreeMap<String, BTreeSet<String>>,
+}
+
+async fn writer(
+    node_url: String,
+    object: String,
+    writer: usize,
+    first: i64,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+) -> i64 {
+    let client = common::client();
+    let mut seq = first;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let id = (writer as i64) * 1_000_000_000 + seq;
+        // Mostly small commits, sometimes a multi-page one.
+        let pad: usize = if rand::rng().random_bool(0.1) {
+            30_000
+        } else {
+            rand::rng().random_range(8..600)
+        };
+        let body = json!({"batch": [
+            {"sql": "INSERT INTO a(seq, pad) VALUES (?, randomblob(?))", "params": [id, pad]},
+            {"sql": "INSERT INTO b(seq) VALUES (?)", "params": [id]}
+        ]});
+        let sql = client
+            .post(format!("{node_url}/v1/ns/default/names/{object}/sql"))
+            .json(&body)
+            .send()
+            .await;
+        match sql {
+            Ok(r) if r.status().is_success() => {
+                acked
+                    .lock()
+                    .expect("lock")
+                    .rows
+                    .entry(object.clone())
+                    .or_default()
+                    .insert(id);
+            }
+            Ok(r) => panic!("unexpected status {} for a valid write", r.status()),
+            Err(_) => break, // the node is gone
+        }
+        if seq % 3 == 0 {
+            let key = format!("k{id}");
+            let put = client
+                .post(format!("{node_url}/v1/ns/default/names/{object}/kv"))
+                .json(&json!({"put": {key.clone(): id}}))
+                .send()
+                .await;
+            match put {
+                Ok(r) if r.status().is_success() => {
+                    acked
+                        .lock()
+                        .expect("lock")
+                        .keys
+                        .entry(object.clone())
+                        .or_default()
+                        .insert(key);
+                }
+                Ok(r) => panic!("unexpected status {} for a valid put", r.status()),
+                Err(_) => break,
+            }
+        }
+    }
+    seq
+}
+
+async fn column(node: &TestNode, object: &str, sql: &str) -> BTreeSet<i64> {
+    let (s, v) = node.sql(object, sql, json!([])).await;
+    assert_eq!(s, 200, "{v}");
+    v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r[0].as_i64())
+        .collect()
+}
+
+async fn all_keys(node: &TestNode, object: &str) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("/v1/ns/default/names/{object}/kv?limit=10000&cursor={c}"),
+            None => format!("/v1/ns/default/names/{object}/kv?limit=10000"),
+        };
+        let (s, v) = node.get(&q).await;
+        assert_eq!(s, 200, "{v}");
+        keys.extend(
+            v["entries"]
+                .as_array()
+                .expect("entries")
+                .iter()
+                .filter_map(|e| e["key"].as_str().map(str::to_string)),
+        );
+        match v["cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return keys,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_under_write_load_loses_no_acknowledged_write_and_leaves_nothing_half_applied() {
+    let mut node = TestNode::serve(CONFIG).await;
+    let objects: Vec<String> = (0..OBJECTS).map(|i| format!("crash-{i}")).collect();
+    for o in &objects {
+        let (s, v) = node
+            .post(
+                &format!("/v1/ns/default/names/{o}/sql"),
+                json!({"batch": [
+                    {"sql": "CREATE TABLE a(seq INTEGER PRIMARY KEY, pad BLOB)"},
+                    {"sql": "CREATE TABLE b(seq INTEGER PRIMARY KEY)"}
+                ]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let mut next: BTreeMap<usize, i64> = BTreeMap::new();
+    let cycles: usize = std::env::var("COLONY_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    for cycle in 0..cycles {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (oi, o) in objects.iter().enumerate() {
+            for w in 0..WRITERS_PER_OBJECT {
+                let writer_id = oi * WRITERS_PER_OBJECT + w + 1;
+                let first = *next.get(&writer_id).unwrap_or(&0);
+                tasks.push((
+                    writer_id,
+                    tokio::spawn(writer(
+                        node.url(""),
+                        o.clone(),
+                        writer_id,
+                        first,
+                        stop.clone(),
+                        acked.clone(),
+                    )),
+                ));
+            }
+        }
+        let run_for = rand::rng().random_range(400..1500);
+        tokio::time::sleep(Duration::from_millis(run_for)).await;
+        node.kill9();
+        stop.store(true, Ordering::Relaxed);
+        for (writer_id, t) in tasks {
+            next.insert(writer_id, t.await.expect("writer"));
+        }
+        node.start().await;
+
+        let (acked_rows, acked_keys) = {
+            let a = acked.lock().expect("lock");
+            (a.rows.clone(), a.keys.clone())
+        };
+        let mut total = 0;
+        for o in &objects {
+            let a = column(&node, o, "SELECT seq FROM a").await;
+            let b = column(&node, o, "SELECT seq FROM b").await;
+            assert_eq!(a, b, "cycle {cycle}, {o}: a batch was half applied");
+            let want = acked_rows.get(o).cloned().unwrap_or_default();
+            let lost: Vec<_> = want.difference(&a).collect();
+            assert!(
+                lost.is_empty(),
+                "cycle {cycle}, {o}: acknowledged rows lost: {lost:?}"
+            );
+            let keys = all_keys(&node, o).await;
+            let want_keys = acked_keys.get(o).cloned().unwrap_or_default();
+            let lost: Vec<_> = want_keys.difference(&keys).collect();
+            assert!(
+                lost.is_empty(),
+                "cycle {cycle}, {o}: acknowledged keys lost: {lost:?}"
+            );
+            let (_, check) = node.sql(o, "PRAGMA integrity_check", json!([])).await;
+            assert_eq!(check["rows"], json!([["ok"]]), "cycle {cycle}, {o}");
+            total += want.len();
+        }
+        assert!(
+            total > 0,
+            "cycle {cycle}: the writers got nothing acknowledged"
+        );
+        eprintln!(
+            "cycle {cycle}: killed after {run_for} ms, {total} acknowledged batches all present"
+        );
+    }
+}

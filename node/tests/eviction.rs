@@ -1,0 +1,110 @@
+//! Idle objects close and open objects stay within limits; closed objects reopen transparently.
+
+mod common;
+
+use common::TestNode;
+use futures::StreamExt;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn put_many(node: &TestNode, count: usize) {
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let url = node.obj("default", &format!("e{i}"), "/kv/value");
+            let c = node.client.clone();
+            async move {
+                let r = c.put(url).json(&json!(i)).send().await.expect("put");
+                assert_eq!(r.status().as_u16(), 200);
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+async fn wait_for(
+    node: &TestNode,
+    metric: &str,
+    pred: impl Fn(f64) -> bool,
+    within: Duration,
+) -> f64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = node.metric(metric).await;
+        if pred(v) || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_recently_used_objects_close_beyond_the_limit_and_idle_ones_close_entirely() {
+    let node = TestNode::serve(
+        "listen: {listen}
+dataDir: {data}
+namespaces: [{name: default}]
+storage: { maxOpenObjects: 20, idleTimeout: 2s, logSegmentBytes: 4MiB }
+",
+    )
+    .await;
+    put_many(&node, 300).await;
+    let resident = wait_for(
+        &node,
+        "colony_objects_resident",
+        |v| v <= 20.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        resident <= 20.0,
+        "open objects stay within maxOpenObjects: {resident}"
+    );
+    assert!(node.metric("colony_object_evictions_total").await >= 280.0);
+    // Every object reopens transparently with its data.
+    for i in (0..300).step_by(7) {
+        let (s, v) = node
+            .get(&format!("/v1/ns/default/names/e{i}/kv/value"))
+            .await;
+        assert_eq!((s, v["value"].as_u64()), (200, Some(i as u64)));
+    }
+    let (_, list) = node.get("/v1/ns/default/objects?limit=1000").await;
+    assert_eq!(list["objects"].as_array().map(Vec::len), Some(300));
+    // With no requests, everything closes after the idle timeout.
+    let resident = wait_for(
+        &node,
+        "colony_objects_resident",
+        |v| v == 0.0,
+        Duration::from_secs(6),
+    )
+    .await;
+    assert_eq!(resident, 0.0, "idle objects close");
+    assert_eq!(node.metric("colony_objects_active").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_close_to_keep_sqlite_memory_within_the_limit() {
+    let node = TestNode::serve(
+        "listen: {listen}
+dataDir: {data}
+namespaces: [{name: default}]
+storage: { maxOpenObjects: 10000, memoryLimit: 4MiB, idleTimeout: 1h, logSegmentBytes: 4MiB }
+",
+    )
+    .await;
+    put_many(&node, 400).await;
+    // Each open database holds a page cache and a schema: 400 of them exceed 4 MiB.
+    let resident = wait_for(
+        &node,
+        "colony_objects_resident",
+        |v| v < 200.0,
+        Duration::from_secs(8),
+    )
+    .await;
+    assert!(
+        resident < 200.0,
+        "the memory limit closes objects: {resident} still open"
+    );
+    let (s, v) = node.get("/v1/ns/default/names/e0/kv/value").await;
+    assert_eq!((s, v["value"].as_u64()), (200, Some(0)));
+}
