@@ -44,6 +44,8 @@ pub struct ObjectMetrics {
     pub resident: Gauge,
     /// Bytes of all object databases on this node.
     pub database_bytes: Gauge,
+    /// Heap memory SQLite holds for open databases (page caches, schemas, statements).
+    pub sqlite_memory: Gauge,
     pub opens: Counter,
     pub evictions: Counter,
     pub checkpoints: Counter,
@@ -111,6 +113,7 @@ impl Metrics {
             active: Gauge::default(),
             resident: Gauge::default(),
             database_bytes: Gauge::default(),
+            sqlite_memory: Gauge::default(),
             opens: Counter::default(),
             evictions: Counter::default(),
             checkpoints: Counter::default(),
@@ -130,6 +133,11 @@ impl Metrics {
             "database_bytes",
             "Bytes of all object databases on this node",
             objects.database_bytes.clone(),
+        );
+        registry.register(
+            "sqlite_memory_bytes",
+            "Heap memory SQLite holds for open object databases",
+            objects.sqlite_memory.clone(),
         );
         registry.register(
             "object_opens",

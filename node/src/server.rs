@@ -139,6 +139,7 @@ fn schema_is_empty(path: &Path) -> std::io::Result<bool> {
 /// Recovers storage and starts serving; returns once the node listens.
 pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpListener), StartError> {
     config.validate()?;
+    crate::object::db::configure_sqlite();
     raise_file_limit();
     let data = config.data_dir.clone();
     let log_dir = data.join("log");

@@ -82,6 +82,7 @@ impl ObjectDb {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn = Connection::open_with_flags(path, flags).map_err(sqlite_err)?;
+        shrink_lookaside(&conn);
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sqlite_err)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
@@ -355,6 +356,54 @@ impl ObjectDb {
                 .query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
                 .is_ok_and(|pages| pages as u64 + 16 >= self.max_pages);
         map_sqlite_error(e, denial, at_page_limit)
+    }
+}
+
+/// Process-wide SQLite settings; must run before the first connection opens (later calls are
+/// refused by SQLite and ignored). By default each connection's page cache allocates 20 pages up
+/// front (~88 KB); with thousands of small objects open that is most of the node's memory, so
+/// pages are allocated as they are used instead.
+pub fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SQLITE_CONFIG_PAGECACHE with a null buffer only sets the initial page count; it
+        // is called before any other SQLite use in this process (see `server::start`).
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_PAGECACHE,
+                std::ptr::null_mut::<std::ffi::c_void>(),
+                0i32,
+                0i32,
+            )
+        };
+        if rc != rusqlite::ffi::SQLITE_OK {
+            tracing::warn!(
+                rc,
+                "SQLite was initialised before it could be configured; page caches allocate in bulk"
+            );
+        }
+    });
+}
+
+/// Lookaside slots per connection and their size. SQLite's default (100 slots of 1200 bytes,
+/// allocated up front) costs 120 KB per open database; a node keeps thousands open, and a few
+/// small slots serve the short statements objects run just as well.
+const LOOKASIDE_SLOT_BYTES: i32 = 128;
+const LOOKASIDE_SLOTS: i32 = 32;
+
+fn shrink_lookaside(conn: &Connection) {
+    // SAFETY: the handle is valid for the connection's lifetime; SQLITE_DBCONFIG_LOOKASIDE with
+    // a null buffer makes SQLite allocate the arena itself, and is called before any statement
+    // exists, so no lookaside memory is in use.
+    unsafe {
+        let db = conn.handle();
+        rusqlite::ffi::sqlite3_db_config(
+            db,
+            rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE,
+            std::ptr::null_mut::<std::ffi::c_void>(),
+            LOOKASIDE_SLOT_BYTES,
+            LOOKASIDE_SLOTS,
+        );
     }
 }
 

@@ -219,6 +219,11 @@ impl Objects {
         // Least recently used first, until within the open-object and memory limits.
         let max_open = self.env.storage.max_open_objects;
         let memory_limit = self.env.storage.memory_limit.0 as i64;
+        self.env
+            .metrics
+            .objects
+            .sqlite_memory
+            .set(sqlite_memory_used());
         let mut excess = self.env.resident().saturating_sub(max_open);
         if sqlite_memory_used() > memory_limit {
             excess = excess.max(self.env.resident() / 8 + 1);

@@ -1,0 +1,188 @@
+//! A closed-loop HTTP/1.1 load generator: each connection is kept alive and sends its next request
+//! as soon as the previous answer arrived; latencies go into a histogram.
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// What one request looks like; `path` picks the path for (connection, iteration).
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub method: Method,
+    pub path: Arc<dyn Fn(usize, u64) -> String + Send + Sync>,
+    pub body: Bytes,
+}
+
+impl Target {
+    pub fn new(
+        addr: SocketAddr,
+        method: Method,
+        body: &str,
+        path: impl Fn(usize, u64) -> String + Send + Sync + 'static,
+    ) -> Self {
+        Target {
+            addr,
+            method,
+            path: Arc::new(path),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Stats {
+    pub ok: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl Stats {
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+    pub fn p50_ms(&self) -> f64 {
+        self.latency.value_at_quantile(0.50) as f64 / 1000.0
+    }
+    pub fn p99_ms(&self) -> f64 {
+        self.latency.value_at_quantile(0.99) as f64 / 1000.0
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> std::io::Result<Sender> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Sends one request and reads the whole answer; the status code.
+pub async fn send(sender: &mut Sender, target: &Target, path: &str) -> Result<u16, String> {
+    let req = Request::builder()
+        .method(target.method.clone())
+        .uri(path)
+        .header(hyper::header::HOST, target.addr.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(target.body.clone()))
+        .map_err(|e| e.to_string())?;
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+/// Runs `connections` closed loops against `target` for `duration`.
+pub async fn run(target: &Target, connections: usize, duration: Duration) -> Stats {
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut hist =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let (mut ok, mut errors) = (0u64, 0u64);
+                let mut sender = match connect(target.addr).await {
+                    Ok(s) => s,
+                    Err(_) => return (hist, 0, 1),
+                };
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let path = (target.path)(c, i);
+                    i += 1;
+                    let t0 = Instant::now();
+                    match send(&mut sender, &target, &path).await {
+                        Ok(200) => {
+                            ok += 1;
+                            let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
+                        }
+                        Ok(_) => errors += 1,
+                        Err(_) => {
+                            errors += 1;
+                            match connect(target.addr).await {
+                                Ok(s) => sender = s,
+                                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                            }
+                        }
+                    }
+                }
+                (hist, ok, errors)
+            })
+        })
+        .collect();
+    let mut latency =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let (mut ok, mut errors) = (0, 0);
+    for t in tasks {
+        if let Ok((h, o, e)) = t.await {
+            let _ = latency.add(&h);
+            ok += o;
+            errors += e;
+        }
+    }
+    Stats {
+        ok,
+        errors,
+        elapsed: started.elapsed(),
+        latency,
+    }
+}
+
+/// Sends `count` requests over `connections` connections as fast as they are answered (for
+/// setup and for touching many objects); the number that did not answer 200.
+pub async fn drive(target: &Target, connections: usize, count: u64) -> u64 {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let target = target.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut failed = 0u64;
+                let Ok(mut sender) = connect(target.addr).await else {
+                    return count;
+                };
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= count {
+                        return failed;
+                    }
+                    let path = (target.path)(c, i);
+                    match send(&mut sender, &target, &path).await {
+                        Ok(200) => {}
+                        Ok(_) => failed += 1,
+                        Err(_) => {
+                            failed += 1;
+                            if let Ok(s) = connect(target.addr).await {
+                                sender = s;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for t in tasks {
+        failed += t.await.unwrap_or(count);
+    }
+    failed
+}
