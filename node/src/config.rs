@@ -259,6 +259,31 @@ impl Default for StorageConfig {
     }
 }
 
+/// Membership of a cluster. Without it the node is standalone: it owns every slot of its colo.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The control plane: the URL of a local coordinator (`http://127.0.0.1:9000`, what `dev`
+    /// and the tests run). Env: `COLONY_CONTROL`.
+    pub control: String,
+    /// A node that has not renewed its heartbeat for this long loses its slots; it stops serving
+    /// on its own somewhat before that. At least 2s.
+    #[serde(default = "default_lease")]
+    pub lease_duration: HumanDuration,
+    /// Local address outgoing connections are bound to (on loopback, one address per node makes
+    /// each node recognisable). Env: `COLONY_SOURCE_ADDRESS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<std::net::IpAddr>,
+}
+
+fn default_lease() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+fn default_slot_count() -> u32 {
+    1024
+}
+
 /// The whole node configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -283,6 +308,11 @@ pub struct NodeConfig {
     pub namespaces: Vec<NamespaceConfig>,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+    /// Slots per colo when standalone (a cluster's placement map says how many it uses).
+    #[serde(default = "default_slot_count")]
+    pub slot_count: u32,
 }
 
 fn default_listen() -> SocketAddr {
@@ -304,6 +334,8 @@ impl NodeConfig {
             keys_dir: None,
             namespaces: vec![NamespaceConfig::named("default")],
             storage: StorageConfig::default(),
+            cluster: None,
+            slot_count: default_slot_count(),
         }
     }
 
@@ -352,6 +384,30 @@ impl NodeConfig {
         if let Some(v) = get("COLONY_KEYS_DIR") {
             self.keys_dir = Some(PathBuf::from(v));
         }
+        if let Some(v) = get("COLONY_CONTROL") {
+            match self.cluster.as_mut() {
+                Some(c) => c.control = v,
+                None => {
+                    self.cluster = Some(ClusterConfig {
+                        control: v,
+                        lease_duration: default_lease(),
+                        source_address: None,
+                    })
+                }
+            }
+        }
+        if let Some(v) = get("COLONY_SOURCE_ADDRESS") {
+            let ip = v
+                .parse()
+                .map_err(|e: std::net::AddrParseError| ConfigError::Env {
+                    name: "COLONY_SOURCE_ADDRESS",
+                    value: v.clone(),
+                    message: e.to_string(),
+                })?;
+            if let Some(c) = self.cluster.as_mut() {
+                c.source_address = Some(ip);
+            }
+        }
         Ok(())
     }
 
@@ -399,6 +455,26 @@ impl NodeConfig {
         }
         if self.storage.log_segment_bytes.0 < 1 << 20 {
             return bad("storage.logSegmentBytes must be at least 1MiB".into());
+        }
+        if self.slot_count == 0 || self.slot_count > 65536 {
+            return bad(format!(
+                "slotCount must be between 1 and 65536, not {}",
+                self.slot_count
+            ));
+        }
+        if let Some(c) = &self.cluster {
+            if c.lease_duration.0 < Duration::from_secs(2) {
+                return bad(format!(
+                    "cluster.leaseDuration must be at least 2s, not {}",
+                    c.lease_duration
+                ));
+            }
+            if !c.control.starts_with("http://") {
+                return bad(format!(
+                    "cluster.control must be the URL of a control plane (http://host:port), not {:?}",
+                    c.control
+                ));
+            }
         }
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! Colony's data plane: durable objects, each with its own SQLite database, served over HTTP.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod http;
 pub mod id;

@@ -52,12 +52,29 @@ pub struct ObjectMetrics {
     pub resets: Counter,
 }
 
+#[derive(Clone, Default)]
+pub struct ReplicationMetrics {
+    /// Entries a follower could not accept in order (missing or diverged entries).
+    pub gaps: Counter,
+    /// Replication frames whose checksum failed (corrupted in flight).
+    pub corrupt_frames: Counter,
+    /// Snapshot syncs this node (as owner) asked followers to run.
+    pub syncs_requested: Counter,
+    /// Snapshot syncs this node (as follower) completed.
+    pub syncs_completed: Counter,
+    /// Entries the local log could not write (disk full or failing).
+    pub log_failures: Counter,
+    /// Requests forwarded to the owner of their object.
+    pub forwarded: Counter,
+}
+
 /// All metrics of a node, registered in one registry.
 pub struct Metrics {
     registry: Registry,
     pub http: HttpMetrics,
     pub log: LogMetrics,
     pub objects: ObjectMetrics,
+    pub replication: ReplicationMetrics,
 }
 
 impl Metrics {
@@ -159,11 +176,43 @@ impl Metrics {
             "Objects reset after a write could not be made durable",
             objects.resets.clone(),
         );
+        let replication = ReplicationMetrics::default();
+        registry.register(
+            "replication_gaps",
+            "Entries a follower could not accept in order (missing or diverged entries)",
+            replication.gaps.clone(),
+        );
+        registry.register(
+            "replication_corrupt_frames",
+            "Replication frames whose checksum failed (corrupted in flight)",
+            replication.corrupt_frames.clone(),
+        );
+        registry.register(
+            "replication_syncs_requested",
+            "Snapshot syncs this node asked followers to run (their position was not in its recent history)",
+            replication.syncs_requested.clone(),
+        );
+        registry.register(
+            "replication_syncs_completed",
+            "Snapshot syncs this node completed as a follower",
+            replication.syncs_completed.clone(),
+        );
+        registry.register(
+            "replication_log_failures",
+            "Entries the local log could not write (disk full or failing)",
+            replication.log_failures.clone(),
+        );
+        registry.register(
+            "requests_forwarded",
+            "Requests forwarded to the owner of their object",
+            replication.forwarded.clone(),
+        );
         Arc::new(Metrics {
             registry,
             http,
             log,
             objects,
+            replication,
         })
     }
 

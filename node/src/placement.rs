@@ -23,19 +23,52 @@ pub struct NodeInfo {
 }
 
 /// The replica set of one slot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The owner and followers are the *voters*: writes are acknowledged by a quorum of them.
+/// Membership changes never break the intersection between write quorums and the read quorum
+/// failover uses: a joining node is a *learner* (it receives entries, its acknowledgements do not
+/// count) until it has caught up, and a departing voter is *leaving* (its acknowledgements no
+/// longer count, but failover still counts it as a member) until enough remaining voters hold
+/// everything. See [`plan_membership`].
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct SlotReplicas {
     /// Bumped on every change of owner; page sets from an older epoch are refused (fencing).
     pub epoch: u64,
     pub owner: String,
     pub followers: Vec<String>,
+    pub learners: Vec<String>,
+    pub leaving: Vec<String>,
 }
 
 impl SlotReplicas {
+    pub fn new(epoch: u64, owner: &str, followers: &[&str]) -> Self {
+        SlotReplicas {
+            epoch,
+            owner: owner.to_string(),
+            followers: followers.iter().map(|f| f.to_string()).collect(),
+            learners: Vec::new(),
+            leaving: Vec::new(),
+        }
+    }
+
+    /// The voters: owner and followers.
     pub fn members(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.owner.as_str()).chain(self.followers.iter().map(String::as_str))
     }
 
+    /// Every node that receives the slot's entries (voters, learners, leaving).
+    pub fn receivers(&self) -> impl Iterator<Item = &str> {
+        self.members()
+            .chain(self.learners.iter().map(String::as_str))
+            .chain(self.leaving.iter().map(String::as_str))
+    }
+
+    /// Whether `node` receives this slot's entries in any role.
+    pub fn has(&self, node: &str) -> bool {
+        self.receivers().any(|m| m == node)
+    }
+
+    /// Number of voters.
     pub fn len(&self) -> usize {
         1 + self.followers.len()
     }
@@ -117,6 +150,11 @@ mod wire {
         pub replicas: usize,
         pub nodes: Vec<NodeInfo>,
         pub colos: BTreeMap<String, Vec<Vec<u64>>>,
+        /// Sparse: colo -> slot -> node indices, for the rare slots changing membership.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub learners: BTreeMap<String, BTreeMap<u32, Vec<u64>>>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub leaving: BTreeMap<String, BTreeMap<u32, Vec<u64>>>,
     }
 
     impl From<PlacementMap> for Placement {
@@ -144,6 +182,22 @@ mod wire {
                     (colo.clone(), rows)
                 })
                 .collect();
+            let sparse = |pick: fn(&SlotReplicas) -> &Vec<String>| {
+                let mut out: BTreeMap<String, BTreeMap<u32, Vec<u64>>> = BTreeMap::new();
+                for (colo, slots) in &map.colos {
+                    for (i, s) in slots.slots.iter().enumerate() {
+                        let list = pick(s);
+                        if !list.is_empty() {
+                            out.entry(colo.clone())
+                                .or_default()
+                                .insert(i as u32, list.iter().map(|n| idx(n)).collect());
+                        }
+                    }
+                }
+                out
+            };
+            let learners = sparse(|s| &s.learners);
+            let leaving = sparse(|s| &s.leaving);
             Placement {
                 region: map.region,
                 version: map.version,
@@ -151,6 +205,8 @@ mod wire {
                 replicas: map.replicas,
                 nodes: map.nodes.into_values().collect(),
                 colos,
+                learners,
+                leaving,
             }
         }
     }
@@ -191,9 +247,34 @@ mod wire {
                             .iter()
                             .map(|&f| name(f))
                             .collect::<Result<_, _>>()?,
+                        learners: Vec::new(),
+                        leaving: Vec::new(),
                     });
                 }
                 colos.insert(colo, ColoSlots { slots });
+            }
+            for (sparse, is_learners) in [(&w.learners, true), (&w.leaving, false)] {
+                for (colo, per_slot) in sparse {
+                    for (slot, list) in per_slot {
+                        let Some(s) = colos
+                            .get_mut(colo)
+                            .and_then(|c: &mut ColoSlots| c.slots.get_mut(*slot as usize))
+                        else {
+                            return Err(format!(
+                                "membership change for unknown slot {colo}#{slot}"
+                            ));
+                        };
+                        let names = list
+                            .iter()
+                            .map(|&n| name(n))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        if is_learners {
+                            s.learners = names;
+                        } else {
+                            s.leaving = names;
+                        }
+                    }
+                }
             }
             let mut nodes = BTreeMap::new();
             for n in w.nodes {
@@ -313,6 +394,8 @@ pub fn assign_slots(input: &AssignInput<'_>) -> Result<Assignment, PlacementErro
                 epoch,
                 owner,
                 followers,
+                learners: Vec::new(),
+                leaving: Vec::new(),
             }
         })
         .collect();
@@ -541,13 +624,19 @@ pub fn choose_failover(
     reports: &[FollowerReport],
     configured_write_quorum: usize,
 ) -> Result<SlotReplicas, FailoverError> {
-    if slot.followers.is_empty() {
+    if slot.followers.is_empty() && slot.leaving.is_empty() {
         return Err(FailoverError::NoFollowers);
     }
-    let needed = read_quorum(configured_write_quorum, slot.len());
+    // Leaving members still count: writes they acknowledged before they started leaving may be
+    // held by fewer than a quorum of the remaining voters.
+    let members = slot.len() + slot.leaving.len();
+    let needed = read_quorum(configured_write_quorum, members);
     let answers: BTreeMap<&str, Lsn> = reports
         .iter()
-        .filter(|r| r.node != slot.owner && slot.followers.contains(&r.node))
+        .filter(|r| {
+            r.node != slot.owner
+                && (slot.followers.contains(&r.node) || slot.leaving.contains(&r.node))
+        })
         .filter_map(|r| r.durable.map(|lsn| (r.node.as_str(), lsn)))
         .collect();
     if answers.len() < needed {
@@ -564,8 +653,8 @@ pub fn choose_failover(
     Ok(promote(slot, &chosen))
 }
 
-/// The replica set after `new_owner` (a follower) takes over: epoch bumped, the old owner demoted
-/// to follower in its place.
+/// The replica set after `new_owner` (a follower, or a leaving member) takes over: epoch bumped,
+/// the old owner demoted to follower in its place.
 pub fn promote(slot: &SlotReplicas, new_owner: &str) -> SlotReplicas {
     let mut followers: Vec<String> = slot
         .followers
@@ -578,7 +667,92 @@ pub fn promote(slot: &SlotReplicas, new_owner: &str) -> SlotReplicas {
         epoch: slot.epoch + 1,
         owner: new_owner.to_string(),
         followers,
+        learners: slot.learners.clone(),
+        leaving: slot
+            .leaving
+            .iter()
+            .filter(|l| *l != new_owner)
+            .cloned()
+            .collect(),
     }
+}
+
+/// What [`plan_membership`] needs to know about the slot's members right now.
+pub struct MembershipProgress<'a> {
+    /// Whether a node holds durably everything the owner has (as last reported by both).
+    pub caught_up: &'a dyn Fn(&str) -> bool,
+    /// Whether the owner has applied the currently published membership (so acknowledgements
+    /// from members marked leaving no longer count there).
+    pub owner_applied_current: bool,
+    pub configured_write_quorum: usize,
+}
+
+/// One safe step from the current replica set of a slot towards a target membership (owner and
+/// followers from [`assign_slots`]); publish it, then call again with fresh progress.
+///
+/// - a target member not in the set joins as a learner; a learner that caught up becomes a
+///   follower (adding a voter only grows the read quorum, so intersections hold);
+/// - a follower not in the target becomes *leaving* once a replacement voter exists (voters never
+///   drop below the target count), and is removed only when the owner applied that change and a
+///   write quorum of the remaining voters holds everything — until then failover still counts it;
+/// - the owner and epoch never change here: ownership moves by hand-off ([`handoffs`]).
+pub fn plan_membership(
+    current: &SlotReplicas,
+    target: &SlotReplicas,
+    progress: &MembershipProgress<'_>,
+) -> SlotReplicas {
+    let wanted: Vec<&str> = target.members().collect();
+    let mut next = current.clone();
+    // Joiners, and leaving members that are wanted again, start as learners.
+    for m in &wanted {
+        if !next.has(m) {
+            next.learners.push(m.to_string());
+        }
+    }
+    let rejoining: Vec<String> = next
+        .leaving
+        .iter()
+        .filter(|l| wanted.contains(&l.as_str()))
+        .cloned()
+        .collect();
+    next.leaving.retain(|l| !rejoining.contains(l));
+    next.learners.extend(rejoining);
+    next.learners
+        .retain(|l| wanted.contains(&l.as_str()) && *l != next.owner);
+    // Learners that caught up vote.
+    let (ready, waiting): (Vec<String>, Vec<String>) = next
+        .learners
+        .iter()
+        .cloned()
+        .partition(|l| (progress.caught_up)(l));
+    next.followers.extend(ready);
+    next.learners = waiting;
+    // Surplus voters start leaving, one replacement at a time.
+    let departing: Vec<String> = next
+        .followers
+        .iter()
+        .filter(|f| !wanted.contains(&f.as_str()))
+        .cloned()
+        .collect();
+    for d in departing {
+        if next.len() > wanted.len().max(1) {
+            next.followers.retain(|f| *f != d);
+            next.leaving.push(d);
+        }
+    }
+    // Leaving members go once the remaining voters hold everything, as a quorum.
+    if progress.owner_applied_current && !current.leaving.is_empty() {
+        let holders = 1 + next
+            .followers
+            .iter()
+            .filter(|f| (progress.caught_up)(f))
+            .count();
+        if holders >= effective_write_quorum(progress.configured_write_quorum, next.len()) {
+            let removable: Vec<String> = current.leaving.clone();
+            next.leaving.retain(|l| !removable.contains(l));
+        }
+    }
+    next
 }
 
 /// A planned move of a slot's ownership between two live nodes.

@@ -1,6 +1,11 @@
 //! Starting a node: recover storage, open the log, serve HTTP.
 
+use crate::cluster::applier::Applier;
+use crate::cluster::control::{ControlPlane, HttpControlPlane};
+use crate::cluster::journal::{Line, SlotJournal};
+use crate::cluster::{Cluster, ClusterSetup, SlotHost};
 use crate::config::NodeConfig;
+use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
 use crate::object::{ObjectEnv, Objects};
@@ -45,6 +50,7 @@ pub struct Node {
     pub config: NodeConfig,
     pub namespaces: HashMap<String, Arc<Namespace>>,
     pub objects: Arc<Objects>,
+    pub cluster: Arc<Cluster>,
     pub metrics: Arc<Metrics>,
     pub recovery: RecoveryReport,
     _log: LogRunner,
@@ -155,13 +161,34 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         namespaces.insert(ns.name.clone(), Arc::new(Namespace::new(ns.clone(), keys)));
     }
 
+    // The slot journal first: recovery must honour snapshot floors, and records the positions
+    // it finds there before it retires the old log.
+    let (journal, journal_state) =
+        SlotJournal::open(&data.join("slots.journal")).map_err(storage_err(&data))?;
+    let floors: HashMap<ObjectKey, Lsn> = journal_state
+        .floors
+        .values()
+        .flat_map(|f| f.iter().map(|(k, v)| (k.clone(), *v)))
+        .collect();
     let (report, db_bytes) = {
         let (logs, objs) = (log_dir.clone(), objects_dir.clone());
         let namespaces = namespaces.clone();
+        let journal = journal.clone();
         tokio::task::spawn_blocking(move || -> Result<(RecoveryReport, u64), StartError> {
-            let report =
-                recovery::recover(&logs, |key: &ObjectKey| crate::object::db_path(&objs, key))
-                    .map_err(storage_err(&logs))?;
+            let report = recovery::recover(
+                &logs,
+                |key: &ObjectKey| crate::object::db_path(&objs, key),
+                &floors,
+                |report| {
+                    let lines: Vec<Line> = report
+                        .slots
+                        .iter()
+                        .map(|(k, p)| Line::position(k, *p))
+                        .collect();
+                    journal.record(&lines)
+                },
+            )
+            .map_err(storage_err(&logs))?;
             let bytes = scan_objects(&objs, &namespaces).map_err(storage_err(&objs))?;
             Ok((report, bytes))
         })
@@ -200,7 +227,28 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         );
         storage.max_open_objects = fd_budget;
     }
+    let namespaces = Arc::new(namespaces);
+    let applier = Applier::start(objects_dir.clone(), namespaces.clone(), runner.log())
+        .map_err(storage_err(&objects_dir))?;
+    let cluster = Cluster::new(ClusterSetup {
+        me: config.node.name.clone(),
+        colo: config.node.colo.clone(),
+        region: config.node.region.clone(),
+        advertise: config.advertised(),
+        source_address: config.cluster.as_ref().and_then(|c| c.source_address),
+        lease_duration: config.cluster.as_ref().map(|c| c.lease_duration.0),
+        slot_count: config.slot_count,
+        log: runner.log(),
+        journal,
+        journal_state,
+        recovered_positions: report.slots.clone(),
+        applier,
+        metrics: metrics.clone(),
+        namespaces: namespaces.clone(),
+        data_dir: data.clone(),
+    });
     let env = Arc::new(ObjectEnv::new(
+        cluster.clone(),
         runner.log(),
         log_dir,
         objects_dir,
@@ -209,7 +257,16 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         tokio::runtime::Handle::current(),
     ));
     let objects = Objects::new(env);
-    objects.spawn_housekeeping(namespaces.clone(), Duration::from_millis(250));
+    let host: Arc<dyn SlotHost> = objects.clone();
+    cluster.set_host(Arc::downgrade(&host));
+    cluster
+        .links
+        .bind(&cluster, tokio::runtime::Handle::current());
+    objects.spawn_housekeeping((*namespaces).clone(), Duration::from_millis(250));
+    let control: Option<Arc<dyn ControlPlane>> = config.cluster.as_ref().map(|c| {
+        Arc::new(HttpControlPlane::new(&c.control, cluster.peers.clone())) as Arc<dyn ControlPlane>
+    });
+    cluster.spawn_background(control);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -219,8 +276,9 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         })?;
     let node = Arc::new(Node {
         config,
-        namespaces,
+        namespaces: (*namespaces).clone(),
         objects,
+        cluster,
         metrics,
         recovery: report,
         _log: runner,

@@ -1,6 +1,8 @@
 //! The client-facing HTTP API, versioned under `/v1`, JSON in and out.
 
+mod admin;
 mod ids;
+mod internal;
 mod objects;
 
 use crate::error::ApiError;
@@ -92,14 +94,46 @@ async fn healthz() -> Response {
     json_ok(&serde_json::json!({"status": "ok"}))
 }
 
+/// Ready when the node can serve: standalone always; in a cluster once it holds a valid lease and
+/// has a placement. Reports when the region has fewer nodes than the replicas wanted.
 async fn readyz(State(node): State<AppState>) -> Response {
-    json_ok(&serde_json::json!({
-        "status": "ready",
+    let cl = &node.cluster;
+    let map = cl.placement();
+    let wanted = node
+        .namespaces
+        .values()
+        .map(|n| n.config.replication.replicas)
+        .max()
+        .unwrap_or(1);
+    let ready = cl.standalone || (cl.lease.valid() && map.version > 0 && cl.healthy());
+    let under = !cl.standalone && map.nodes.len() < wanted;
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not ready" },
         "node": node.config.node.name,
         "colo": node.config.node.colo,
         "region": node.config.node.region,
         "namespaces": node.namespaces.keys().collect::<Vec<_>>(),
-    }))
+        "mode": if cl.standalone { "standalone" } else { "cluster" },
+        "leaseValid": cl.lease.valid(),
+        "placementVersion": map.version,
+        "nodesInRegion": map.nodes.len(),
+        "replicasWanted": wanted,
+        "underReplicated": under,
+        "note": if under {
+            Some(format!("the region has {} nodes, fewer than the {wanted} replicas wanted: every node holds a copy", map.nodes.len()))
+        } else {
+            None
+        },
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    match serde_json::to_vec(&body) {
+        Ok(bytes) => json_response(status, bytes),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
 }
 
 async fn metrics(State(node): State<AppState>) -> Response {
@@ -161,6 +195,22 @@ pub fn router(node: AppState) -> Router {
         .route("/v1/ns/{ns}/ids", post(ids::create))
         .route("/v1/ns/{ns}/ids/{id}", get(ids::validate))
         .route("/v1/ns/{ns}/objects", get(objects::list_objects))
+        .route("/v1/admin/status", get(admin::status))
+        .route("/v1/admin/slots/{colo}/{slot}", get(admin::slot_report))
+        .route("/v1/admin/slots/{colo}/{slot}/fence", post(admin::fence))
+        .route(
+            "/v1/admin/slots/{colo}/{slot}/handoff",
+            post(admin::handoff),
+        )
+        .route("/v1/internal/replicate", get(internal::replicate))
+        .route(
+            "/v1/internal/slots/{colo}/{slot}/manifest",
+            get(internal::manifest),
+        )
+        .route(
+            "/v1/internal/objects/{ns}/{id}/snapshot",
+            get(internal::snapshot),
+        )
         .merge(objects::routes("/v1/ns/{ns}/objects/{id}"))
         .merge(objects::routes("/v1/ns/{ns}/names/{name}"))
         .route_layer(middleware::from_fn_with_state(node.clone(), track))

@@ -1,6 +1,7 @@
 //! Object routes, addressed by ID (`/objects/{id}`) or by name (`/names/{name}`).
 
 use super::{AppState, json_ok, json_response, namespace, parse_json, read_body};
+use crate::cluster::Route;
 use crate::error::ApiError;
 use crate::id::ObjectId;
 use crate::namespace::Namespace;
@@ -9,14 +10,17 @@ use crate::object::sql::SqlRequest;
 use crate::object::{Reply, Request};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The routes under one object prefix (`{id}` or `{name}` form).
 pub fn routes(prefix: &str) -> Router<AppState> {
@@ -66,59 +70,166 @@ fn respond(reply: Reply) -> Response {
     }
 }
 
-async fn call(
+/// Marks a request forwarded by another node (it is not forwarded again).
+pub const FORWARDED_HEADER: &str = "x-colony-forwarded";
+
+/// What forwarding needs to know about the incoming request.
+pub struct Incoming {
+    method: Method,
+    path_and_query: String,
+    forwarded: bool,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Incoming {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Incoming {
+            method: parts.method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string()),
+            forwarded: parts.headers.contains_key(FORWARDED_HEADER),
+        })
+    }
+}
+
+/// Sends the request on to the object's owner and relays its answer.
+async fn forward(node: &AppState, address: &str, inc: &Incoming, body: Bytes) -> Response {
+    if inc.forwarded {
+        return ApiError::unavailable(
+            "not_owner",
+            "the request was forwarded to a node that does not own the object (ownership is moving); retry",
+        )
+        .into_response();
+    }
+    node.metrics.replication.forwarded.inc();
+    let url = format!("http://{address}{}", inc.path_and_query);
+    match node
+        .cluster
+        .peers
+        .send(
+            inc.method.clone(),
+            &url,
+            &[(FORWARDED_HEADER, "1")],
+            body,
+            Duration::from_secs(120),
+        )
+        .await
+    {
+        Ok(resp) => {
+            let mut out = Response::new(Body::from(resp.body));
+            *out.status_mut() = resp.status;
+            if let Some(ct) = resp.headers.get(axum::http::header::CONTENT_TYPE) {
+                out.headers_mut()
+                    .insert(axum::http::header::CONTENT_TYPE, ct.clone());
+            }
+            out
+        }
+        Err(e) => ApiError::unavailable(
+            "owner_unreachable",
+            format!("the object's owner did not answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// Resolves the object, reads the body (with the namespace's limit), and serves the request here
+/// if this node owns the object, or forwards it to the owner.
+async fn dispatch(
     node: &AppState,
     params: &HashMap<String, String>,
-    request: impl FnOnce(&Namespace) -> Result<Request, ApiError>,
+    inc: Incoming,
+    body: Option<Body>,
+    build: impl FnOnce(&Namespace, &[u8]) -> Result<Request, ApiError>,
 ) -> Response {
     let (ns, id) = match resolve(node, params) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match request(&ns) {
-        Ok(req) => respond(node.objects.call(&ns, id, req).await),
-        Err(e) => e.into_response(),
+    let bytes = match body {
+        Some(b) => match read_body(b, &ns).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        },
+        None => Bytes::new(),
+    };
+    let mut build = Some(build);
+    for attempt in 0..2 {
+        match node.cluster.route(&id) {
+            Err(e) => return e.into_response(),
+            Ok(Route::Remote { address, .. }) => return forward(node, &address, &inc, bytes).await,
+            Ok(Route::Local(_)) => {
+                let Some(build) = build.take() else {
+                    return ApiError::unavailable(
+                        "not_owner",
+                        "ownership of the object is moving; retry",
+                    )
+                    .into_response();
+                };
+                let request = match build(&ns, &bytes) {
+                    Ok(r) => r,
+                    Err(e) => return e.into_response(),
+                };
+                let reply = node.objects.call(&ns, id, request).await;
+                // Ownership moved between routing and execution: route again, once.
+                if attempt == 0
+                    && let Err(e) = &reply
+                    && e.code == "not_owner"
+                    && !matches!(node.cluster.route(&id), Ok(Route::Local(_)))
+                {
+                    continue;
+                }
+                return respond(reply);
+            }
+        }
     }
+    ApiError::unavailable("not_owner", "ownership of the object is moving; retry").into_response()
 }
 
-async fn info(State(node): State<AppState>, Path(p): Path<HashMap<String, String>>) -> Response {
-    call(&node, &p, |_| Ok(Request::Info)).await
+async fn call(
+    node: &AppState,
+    params: &HashMap<String, String>,
+    inc: Incoming,
+    request: impl FnOnce(&Namespace) -> Result<Request, ApiError>,
+) -> Response {
+    dispatch(node, params, inc, None, |ns, _| request(ns)).await
+}
+
+async fn call_with_body(
+    node: &AppState,
+    params: &HashMap<String, String>,
+    inc: Incoming,
+    body: Body,
+    request: impl FnOnce(&Namespace, &[u8]) -> Result<Request, ApiError>,
+) -> Response {
+    dispatch(node, params, inc, Some(body), request).await
+}
+
+async fn info(
+    State(node): State<AppState>,
+    Path(p): Path<HashMap<String, String>>,
+    inc: Incoming,
+) -> Response {
+    call(&node, &p, inc, |_| Ok(Request::Info)).await
 }
 
 async fn delete_all(
     State(node): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
+    inc: Incoming,
 ) -> Response {
-    call(&node, &p, |_| Ok(Request::DeleteAll)).await
-}
-
-/// Reads the body with the addressed namespace's size limit, then builds the request from it.
-async fn call_with_body(
-    node: &AppState,
-    params: &HashMap<String, String>,
-    body: Body,
-    request: impl FnOnce(&Namespace, &[u8]) -> Result<Request, ApiError>,
-) -> Response {
-    let (ns, id) = match resolve(node, params) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let bytes = match read_body(body, &ns).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    match request(&ns, &bytes) {
-        Ok(req) => respond(node.objects.call(&ns, id, req).await),
-        Err(e) => e.into_response(),
-    }
+    call(&node, &p, inc, |_| Ok(Request::DeleteAll)).await
 }
 
 async fn sql(
     State(node): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
+    inc: Incoming,
     body: Body,
 ) -> Response {
-    call_with_body(&node, &p, body, |ns, bytes| {
+    call_with_body(&node, &p, inc, body, |ns, bytes| {
         let req: SqlRequest = parse_json(bytes)?;
         Ok(Request::Sql(req.plan(&ns.config.limits)?))
     })
@@ -131,9 +242,13 @@ fn key_param(p: &HashMap<String, String>, ns: &Namespace) -> Result<String, ApiE
     Ok(key)
 }
 
-async fn kv_get(State(node): State<AppState>, Path(p): Path<HashMap<String, String>>) -> Response {
+async fn kv_get(
+    State(node): State<AppState>,
+    Path(p): Path<HashMap<String, String>>,
+    inc: Incoming,
+) -> Response {
     let params = p.clone();
-    call(&node, &p, move |ns| {
+    call(&node, &p, inc, move |ns| {
         Ok(Request::KvGet(key_param(&params, ns)?))
     })
     .await
@@ -142,10 +257,11 @@ async fn kv_get(State(node): State<AppState>, Path(p): Path<HashMap<String, Stri
 async fn kv_put(
     State(node): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
+    inc: Incoming,
     body: Body,
 ) -> Response {
     let params = p.clone();
-    call_with_body(&node, &p, body, move |ns, bytes| {
+    call_with_body(&node, &p, inc, body, move |ns, bytes| {
         let key = key_param(&params, ns)?;
         let value: serde_json::Value = parse_json(bytes)?;
         let encoded = kv::encode_value(&key, &value, &ns.config.limits)?;
@@ -157,9 +273,10 @@ async fn kv_put(
 async fn kv_delete(
     State(node): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
+    inc: Incoming,
 ) -> Response {
     let params = p.clone();
-    call(&node, &p, move |ns| {
+    call(&node, &p, inc, move |ns| {
         Ok(Request::KvDelete(key_param(&params, ns)?))
     })
     .await
@@ -218,9 +335,10 @@ fn parse_list_query(raw: Option<&str>) -> Result<ListOptions, ApiError> {
 async fn kv_list(
     State(node): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
+    inc: Incoming,
     RawQuery(q): RawQuery,
 ) -> Response {
-    call(&node, &p, move |_| {
+    call(&node, &p, inc, move |_| {
         Ok(Request::KvList(parse_list_query(q.as_deref())?))
     })
     .await
@@ -229,9 +347,10 @@ async fn kv_list(
 async fn kv_batch(
     State(node): State<AppState>,
     Path(p): Path<HashMap<String, String>>,
+    inc: Incoming,
     body: Body,
 ) -> Response {
-    call_with_body(&node, &p, body, |ns, bytes| {
+    call_with_body(&node, &p, inc, body, |ns, bytes| {
         let batch: KvBatch = parse_json(bytes)?;
         let puts = kv::validate_batch(&batch, &ns.config.limits)?;
         Ok(Request::KvBatch { batch, puts })

@@ -1,13 +1,14 @@
-//! One object's actor: executes its requests in order, hands commits to the node log, and holds
-//! responses at the output gate until they are durable.
+//! One object's actor: executes its requests in order, hands each commit to its slot (which logs
+//! it and replicates it), and holds responses at the output gate until a quorum has them.
 
 use super::db::{Committed, ObjectDb};
-use super::gate::Gate;
 use super::registry::{ObjectEnv, ObjectHandle};
 use super::{Reply, Request, kv, sql};
+use crate::cluster::slot::Slot;
 use crate::error::ApiError;
+use crate::lsn::Lsn;
 use crate::storage::log::Append;
-use crate::storage::record::{RecordKind, encode_checkpoint, encode_delete};
+use crate::storage::record::{Checkpoint, Entry, RecordKind, encode_checkpoint};
 use crate::storage::recovery;
 use serde_json::json;
 use std::sync::Arc;
@@ -19,18 +20,20 @@ pub enum Job {
         request: Request,
         reply: oneshot::Sender<Reply>,
     },
-    /// Close the database (idle or evicted); the object stays addressable.
-    Close,
+    /// Close the database (idle, evicted, or its slot moved away); the object stays addressable.
+    Close(Option<oneshot::Sender<()>>),
     /// Checkpoint now (the node log wants to retire a segment).
     Checkpoint,
+    /// A consistent copy of the database and the slot position it reflects (for a follower's sync).
+    Snapshot(oneshot::Sender<Result<(Vec<u8>, Lsn), ApiError>>),
 }
 
 /// The state an actor keeps between requests. Small when the database is closed.
 #[derive(Default)]
 pub struct Actor {
     db: Option<ObjectDb>,
-    /// Bumped on every reset; the log refuses records of a failed generation.
-    generation: u64,
+    /// Slot position of this object's newest entry (for checkpoint markers).
+    last_lsn: Lsn,
 }
 
 fn to_body(v: &impl serde::Serialize) -> Result<Vec<u8>, ApiError> {
@@ -52,15 +55,33 @@ impl Actor {
                 }));
                 self.maybe_checkpoint(false, handle, env);
             }
-            Job::Close => self.close(handle, env),
+            Job::Close(done) => {
+                self.close(handle, env);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
             Job::Checkpoint => self.maybe_checkpoint(true, handle, env),
+            Job::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot(handle, env));
+            }
         }
     }
 
-    fn open(&mut self, handle: &ObjectHandle, env: &ObjectEnv) -> Result<&mut ObjectDb, ApiError> {
+    fn open(
+        &mut self,
+        handle: &ObjectHandle,
+        env: &ObjectEnv,
+        slot: &Slot,
+    ) -> Result<&mut ObjectDb, ApiError> {
         if self.db.is_none() {
             let path = env.db_path(&handle.key);
-            let db = ObjectDb::open(&path, handle.key.clone(), &handle.ns.config.limits)?;
+            let db = ObjectDb::open(
+                &path,
+                handle.key.clone(),
+                slot.key.clone(),
+                &handle.ns.config.limits,
+            )?;
             env.metrics.objects.opens.inc();
             env.note_opened(handle);
             self.db = Some(db);
@@ -71,12 +92,41 @@ impl Actor {
         }
     }
 
+    /// Hands a committed entry to the slot; its response waits for the quorum.
+    fn submit(
+        &mut self,
+        entry: Entry,
+        slot: &Arc<Slot>,
+        handle: &Arc<ObjectHandle>,
+        env: &ObjectEnv,
+    ) {
+        let ticket = handle.gate.submit();
+        let gate = handle.gate.clone();
+        let ns = handle.ns.clone();
+        let id = handle.key.id;
+        let deleting = entry.kind == RecordKind::Delete;
+        let quorum = handle.ns.config.replication.write_quorum;
+        let done = Box::new(move |result: Result<u64, ApiError>| {
+            if result.is_ok() && !deleting {
+                ns.mark_has_data(id);
+            }
+            gate.settle(ticket, result);
+        });
+        match slot.append(&env.cluster, entry, quorum, done) {
+            Ok(pos) => self.last_lsn = pos.lsn,
+            // Committed locally but not accepted by the slot (it moved): the gate fails, and the
+            // object resets before its next request.
+            Err(e) => handle.gate.settle(ticket, Err(e)),
+        }
+    }
+
     fn execute(&mut self, request: Request, handle: &Arc<ObjectHandle>, env: &ObjectEnv) -> Reply {
+        let slot = env.cluster.serving_slot(&handle.key)?;
         if let Request::DeleteAll = request {
-            return self.delete_all(handle, env);
+            return self.delete_all(handle, env, &slot);
         }
         let time_limit = handle.ns.config.limits.request_time_limit.0;
-        let db = self.open(handle, env)?;
+        let db = self.open(handle, env, &slot)?;
         let size_before = db.size_bytes();
         let committed: Committed<Vec<u8>> = match request {
             Request::Sql(plan) => db.transaction(time_limit, |tx| {
@@ -139,40 +189,22 @@ impl Actor {
             .database_bytes
             .inc_by(size_after as i64 - size_before as i64);
         if let Some(pages) = committed.pages {
-            let ticket = handle.gate.submit();
-            let gate: Arc<Gate> = handle.gate.clone();
-            let ns = handle.ns.clone();
-            let id = handle.key.id;
-            env.log.append(Append {
-                kind: RecordKind::PageSet,
-                object: handle.key.clone(),
-                generation: self.generation,
-                payload: pages.payload,
-                done: Box::new(move |result| {
-                    if result.is_ok() {
-                        ns.mark_has_data(id);
-                    }
-                    gate.settle(ticket, result);
-                }),
-            });
+            self.submit(pages.entry, &slot, handle, env);
         }
         Ok(committed.value)
     }
 
-    /// Deletes all of the object's data: the delete is made durable in the log first, then the
+    /// Deletes all of the object's data: the delete is made durable on a quorum first, then the
     /// files go, so a crash in between replays the delete rather than resurrecting half a
     /// database.
-    fn delete_all(&mut self, handle: &ObjectHandle, env: &ObjectEnv) -> Reply {
+    fn delete_all(
+        &mut self,
+        handle: &Arc<ObjectHandle>,
+        env: &ObjectEnv,
+        slot: &Arc<Slot>,
+    ) -> Reply {
         let size = self.db.as_ref().map_or(0, ObjectDb::size_bytes);
-        let ticket = handle.gate.submit();
-        let gate = handle.gate.clone();
-        env.log.append(Append {
-            kind: RecordKind::Delete,
-            object: handle.key.clone(),
-            generation: self.generation,
-            payload: encode_delete(&handle.key),
-            done: Box::new(move |result| gate.settle(ticket, result)),
-        });
+        self.submit(Entry::delete(&handle.key, &slot.key), slot, handle, env);
         let delete_lsn = handle.gate.wait_settled()?;
         if self.db.take().is_some() {
             env.note_closed(handle);
@@ -181,20 +213,10 @@ impl Actor {
         let existed = path.exists();
         recovery::remove_database_files(&path)
             .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
-        self.append_checkpoint_marker(handle, env, delete_lsn);
+        append_checkpoint(env, handle, delete_lsn, self.last_lsn);
         handle.ns.mark_empty(&handle.key.id);
         env.metrics.objects.database_bytes.dec_by(size as i64);
         to_body(&json!({ "id": handle.key.id.to_hex(), "deleted": existed }))
-    }
-
-    fn append_checkpoint_marker(&self, handle: &ObjectHandle, env: &ObjectEnv, upto: u64) {
-        env.log.append(Append {
-            kind: RecordKind::Checkpoint,
-            object: handle.key.clone(),
-            generation: self.generation,
-            payload: encode_checkpoint(&handle.key, upto),
-            done: Box::new(|_| {}),
-        });
     }
 
     /// Checkpoints the WAL into the database file once it is large (or when `force`d), but only
@@ -207,7 +229,7 @@ impl Actor {
             return;
         }
         // Without waiting, only when everything is durable already; past 4x the threshold (or
-        // when forced), wait for the log.
+        // when forced), wait for the quorum.
         if handle.gate.pending() && !force && wal < threshold.saturating_mul(4) {
             return;
         }
@@ -219,16 +241,21 @@ impl Actor {
                 env.metrics.objects.checkpoints.inc();
                 // The marker may only be logged once the database file is durable; the sync runs
                 // off this thread so the object keeps serving meanwhile.
-                let (log, key, generation) = (env.log.clone(), handle.key.clone(), self.generation);
+                let (log, object, slot_lsn) = (env.log.clone(), handle.key.clone(), self.last_lsn);
                 env.spawn_blocking(move || match file.sync_data() {
                     Ok(()) => log.append(Append {
                         kind: RecordKind::Checkpoint,
-                        payload: encode_checkpoint(&key, upto),
-                        object: key,
-                        generation,
+                        payload: encode_checkpoint(&Checkpoint {
+                            object: object.clone(),
+                            upto,
+                            slot_lsn,
+                        })
+                        .into(),
+                        object,
+                        fence: None,
                         done: Box::new(|_| {}),
                     }),
-                    Err(e) => tracing::warn!(object = %key, error = %e, "cannot sync a checkpointed database; the log keeps covering it"),
+                    Err(e) => tracing::warn!(object = %object, error = %e, "cannot sync a checkpointed database; the log keeps covering it"),
                 });
             }
             Ok(None) => {}
@@ -236,6 +263,30 @@ impl Actor {
                 tracing::warn!(object = %handle.key, error = %e, "checkpoint failed; will retry")
             }
         }
+    }
+
+    /// For a follower's snapshot sync: the database as of now, and the slot position it reflects
+    /// (every entry of this object up to the slot's current position is in it: only this actor
+    /// produces them).
+    fn snapshot(
+        &mut self,
+        handle: &ObjectHandle,
+        env: &ObjectEnv,
+    ) -> Result<(Vec<u8>, Lsn), ApiError> {
+        let slot = env.cluster.serving_slot(&handle.key)?;
+        let path = env.db_path(&handle.key);
+        if self.db.is_none() && !path.exists() {
+            return Err(ApiError::not_found("no_object", "the object holds no data"));
+        }
+        self.open(handle, env, &slot)?;
+        handle.gate.wait_settled()?;
+        let Some(db) = self.db.as_mut() else {
+            return Err(ApiError::internal("database did not open"));
+        };
+        db.checkpoint()?;
+        let bytes = db.read_file()?;
+        let lsn = slot.lock().appended.lsn;
+        Ok((bytes, lsn))
     }
 
     fn close(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
@@ -249,7 +300,7 @@ impl Actor {
         let empty = self
             .db
             .as_ref()
-            .is_some_and(|db| db.size_bytes() == 0 && db.wal_bytes() == 0);
+            .is_some_and(|db| db.wal_bytes() == 0 && db.is_empty().unwrap_or(false));
         if self.db.take().is_some() {
             env.note_closed(handle);
             env.metrics.objects.evictions.inc();
@@ -260,8 +311,8 @@ impl Actor {
         }
     }
 
-    /// After a commit could not be made durable: forget everything not in the log, rebuild the
-    /// database file from the log, and serve again under a new generation.
+    /// After a commit could not be made durable on a quorum: forget everything not in the local
+    /// log, rebuild the database file from it, and serve again.
     fn reset(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
         env.metrics.objects.resets.inc();
         let _ = handle.gate.wait_settled();
@@ -275,14 +326,29 @@ impl Actor {
                 &handle.key,
                 &path,
                 env.log.shared().durable_lsn(),
+                None,
             )
         });
         if let Err(e) = replayed {
             tracing::error!(object = %handle.key, error = %e, "cannot rebuild the object from the node log");
             return;
         }
-        self.generation += 1;
         handle.gate.clear_failure();
-        tracing::warn!(object = %handle.key, "object reset after a write could not be made durable");
+        tracing::warn!(object = %handle.key, "object reset after a write did not reach a quorum");
     }
+}
+
+fn append_checkpoint(env: &ObjectEnv, handle: &ObjectHandle, upto: u64, slot_lsn: Lsn) {
+    env.log.append(Append {
+        kind: RecordKind::Checkpoint,
+        object: handle.key.clone(),
+        fence: None,
+        payload: encode_checkpoint(&Checkpoint {
+            object: handle.key.clone(),
+            upto,
+            slot_lsn,
+        })
+        .into(),
+        done: Box::new(|_| {}),
+    });
 }

@@ -11,7 +11,7 @@
 use super::authorizer::{Denial, authorize};
 use crate::config::Limits;
 use crate::error::ApiError;
-use crate::storage::record::ObjectKey;
+use crate::storage::record::{ObjectKey, SlotKey};
 use crate::storage::wal::{CapturedCommit, FRAME_HEADER_BYTES, WalReader};
 use rusqlite::config::DbConfig;
 use rusqlite::limits::Limit;
@@ -49,6 +49,8 @@ pub struct Committed<T> {
 pub struct ObjectDb {
     conn: Connection,
     key: ObjectKey,
+    /// The slot whose log this object's commits go to.
+    slot: SlotKey,
     path: PathBuf,
     wal: Option<WalReader>,
     /// Frames of the WAL already captured and handed to the log.
@@ -72,7 +74,12 @@ fn sqlite_err(e: rusqlite::Error) -> ApiError {
 
 impl ObjectDb {
     /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path, key: ObjectKey, limits: &Limits) -> Result<Self, ApiError> {
+    pub fn open(
+        path: &Path,
+        key: ObjectKey,
+        slot: SlotKey,
+        limits: &Limits,
+    ) -> Result<Self, ApiError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
                 ApiError::internal(format!("cannot create {}: {e}", parent.display()))
@@ -171,6 +178,7 @@ impl ObjectDb {
         Ok(ObjectDb {
             conn,
             key,
+            slot,
             path: path.to_path_buf(),
             wal: None,
             frames_captured: 0,
@@ -187,6 +195,16 @@ impl ObjectDb {
 
     pub fn key(&self) -> &ObjectKey {
         &self.key
+    }
+
+    pub fn slot(&self) -> &SlotKey {
+        &self.slot
+    }
+
+    /// Reads the whole database file (after a checkpoint it is the object's state).
+    pub fn read_file(&self) -> Result<Vec<u8>, ApiError> {
+        std::fs::read(&self.path)
+            .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", self.path.display())))
     }
 
     pub fn page_size(&self) -> u32 {
@@ -308,7 +326,7 @@ impl ObjectDb {
             return Ok(None);
         };
         let captured = wal
-            .capture(&self.key, self.frames_captured, frames)
+            .capture(&self.key, &self.slot, self.frames_captured, frames)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         self.frames_captured = frames;
         self.db_pages = captured.db_pages;

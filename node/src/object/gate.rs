@@ -61,7 +61,7 @@ impl Gate {
     }
 
     /// Called (in ticket order) when the log has made commit `ticket` durable or failed it.
-    pub fn settle(&self, ticket: u64, result: Result<u64, LogError>) {
+    pub fn settle(&self, ticket: u64, result: Result<u64, ApiError>) {
         let released: Vec<(Release, Result<(), ApiError>)> = {
             let mut s = self.lock();
             s.settled = s.settled.max(ticket);
@@ -69,7 +69,7 @@ impl Gate {
                 Ok(lsn) => s.last_lsn = s.last_lsn.max(lsn),
                 Err(e) => {
                     if s.failure.is_none() {
-                        s.failure = Some(api_error_of(&e));
+                        s.failure = Some(e);
                     }
                 }
             }
@@ -183,12 +183,15 @@ mod tests {
         let t2 = gate.submit();
         let (r2, rx2) = recorder();
         gate.hold(r2);
-        gate.settle(t1, Err(LogError::DiskFull("no space".into())));
+        gate.settle(
+            t1,
+            Err(api_error_of(&LogError::DiskFull("no space".into()))),
+        );
         assert_eq!(
             rx1.try_recv().map(|r| r.map_err(|e| e.status)),
             Ok(Err(507))
         );
-        gate.settle(t2, Err(LogError::Fenced));
+        gate.settle(t2, Err(api_error_of(&LogError::Fenced)));
         assert_eq!(
             rx2.try_recv().map(|r| r.map_err(|e| e.status)),
             Ok(Err(507)),

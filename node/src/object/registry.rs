@@ -8,13 +8,17 @@
 use super::actor::{Actor, Job};
 use super::gate::Gate;
 use super::{Reply, Request};
+use crate::cluster::{Cluster, SlotHost};
 use crate::config::StorageConfig;
 use crate::error::ApiError;
 use crate::id::ObjectId;
+use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
 use crate::storage::log::NodeLog;
 use crate::storage::record::ObjectKey;
+use crate::storage::record::SlotKey;
+use futures::future::BoxFuture;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -29,6 +33,7 @@ fn now_ms() -> u64 {
 
 /// What every actor shares.
 pub struct ObjectEnv {
+    pub cluster: Arc<Cluster>,
     pub log: NodeLog,
     pub log_dir: PathBuf,
     pub objects_dir: PathBuf,
@@ -40,6 +45,7 @@ pub struct ObjectEnv {
 
 impl ObjectEnv {
     pub fn new(
+        cluster: Arc<Cluster>,
         log: NodeLog,
         log_dir: PathBuf,
         objects_dir: PathBuf,
@@ -48,6 +54,7 @@ impl ObjectEnv {
         runtime: tokio::runtime::Handle,
     ) -> Self {
         ObjectEnv {
+            cluster,
             log,
             log_dir,
             objects_dir,
@@ -211,7 +218,7 @@ impl Objects {
             if !h.open.load(Ordering::Relaxed) {
                 closed.push(h);
             } else if now.saturating_sub(last) >= idle_ms {
-                self.enqueue(&h.ns, h.key.id, Job::Close);
+                self.enqueue(&h.ns, h.key.id, Job::Close(None));
             } else {
                 open_idle.push((last, h));
             }
@@ -231,7 +238,7 @@ impl Objects {
         if excess > 0 {
             open_idle.sort_by_key(|(last, _)| *last);
             for (_, h) in open_idle.into_iter().take(excess) {
-                self.enqueue(&h.ns, h.key.id, Job::Close);
+                self.enqueue(&h.ns, h.key.id, Job::Close(None));
             }
         }
         if !closed.is_empty() {
@@ -280,6 +287,51 @@ impl Objects {
     /// Number of objects with bookkeeping in memory.
     pub fn tracked(&self) -> usize {
         self.map().len()
+    }
+}
+
+impl SlotHost for Objects {
+    fn close_slot(&self, slot: SlotKey) -> BoxFuture<'static, ()> {
+        let open: Vec<Arc<ObjectHandle>> = self
+            .map()
+            .values()
+            .filter(|h| h.open.load(Ordering::Relaxed) || h.state().running)
+            .filter(|h| {
+                self.env
+                    .cluster
+                    .slot_key_of(&h.key.id)
+                    .is_ok_and(|k| k == slot)
+            })
+            .cloned()
+            .collect();
+        let mut waits = Vec::with_capacity(open.len());
+        for h in open {
+            let (tx, rx) = oneshot::channel();
+            self.enqueue(&h.ns, h.key.id, Job::Close(Some(tx)));
+            waits.push(rx);
+        }
+        Box::pin(async move {
+            for w in waits {
+                let _ = w.await;
+            }
+        })
+    }
+
+    fn snapshot(&self, object: ObjectKey) -> BoxFuture<'static, Result<(Vec<u8>, Lsn), ApiError>> {
+        let Some(ns) = self.env.cluster.namespaces.get(&*object.namespace).cloned() else {
+            return Box::pin(async {
+                Err(ApiError::not_found(
+                    "unknown_namespace",
+                    "namespace not served here",
+                ))
+            });
+        };
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(&ns, object.id, Job::Snapshot(tx));
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(ApiError::internal("the object stopped before answering")))
+        })
     }
 }
 

@@ -238,11 +238,7 @@ fn quorums_intersect_for_every_size() {
 }
 
 fn slot5() -> SlotReplicas {
-    SlotReplicas {
-        epoch: 4,
-        owner: "a".into(),
-        followers: vec!["b".into(), "c".into(), "d".into(), "e".into()],
-    }
+    SlotReplicas::new(4, "a", &["b", "c", "d", "e"])
 }
 
 fn report(node: &str, lsn: Option<(u64, u64)>) -> FollowerReport {
@@ -305,11 +301,7 @@ fn failover_refuses_without_a_read_quorum() {
             needed: 3
         })
     );
-    let lone = SlotReplicas {
-        epoch: 1,
-        owner: "a".into(),
-        followers: vec![],
-    };
+    let lone = SlotReplicas::new(1, "a", &[]);
     assert_eq!(
         choose_failover(&lone, &[], 3),
         Err(FailoverError::NoFollowers)
@@ -364,11 +356,7 @@ fn handoffs_list_owner_changes_to_current_members_only() {
         slots: vec![
             promote(&slot5(), "b"),
             slot5(),
-            SlotReplicas {
-                epoch: 1,
-                owner: "x".into(),
-                followers: vec!["y".into()],
-            },
+            SlotReplicas::new(1, "x", &["y"]),
         ],
     };
     let target = ColoSlots {
@@ -420,4 +408,106 @@ fn placement_map_rejects_inconsistent_wire_forms() {
         "nodes":[{"name":"a","colo":"c","address":"a:1"}],"colos":{"c":[[1,0]]}}"#;
     let err = serde_json::from_str::<PlacementMap>(bad_count).expect_err("slot count");
     assert!(err.to_string().contains("expected slotCount = 2"), "{err}");
+}
+
+#[test]
+fn leaving_members_still_count_for_failover_but_are_not_required_to_answer_alone() {
+    // Voters a (owner, dead), b, c; d is leaving. Members for failover: 4 -> read quorum 2 with
+    // write quorum 3 (configured 3, effective min(3, 4/2+1=3) = 3 -> 4+1-3 = 2).
+    let mut s = SlotReplicas::new(7, "a", &["b", "c"]);
+    s.leaving = vec!["d".into()];
+    let chosen = choose_failover(
+        &s,
+        &[report("d", Some((7, 9))), report("b", Some((7, 8)))],
+        3,
+    )
+    .expect("quorum");
+    assert_eq!(
+        chosen.owner, "d",
+        "the most advanced answer wins, even a leaving member"
+    );
+    assert_eq!(chosen.epoch, 8);
+    assert!(chosen.leaving.is_empty());
+    assert_eq!(chosen.followers, vec!["b", "c", "a"]);
+    let err = choose_failover(&s, &[report("b", Some((7, 8)))], 3);
+    assert_eq!(
+        err,
+        Err(FailoverError::NotEnoughAnswers {
+            answered: 1,
+            needed: 2
+        })
+    );
+}
+
+#[test]
+fn membership_changes_step_through_learners_and_leaving() {
+    let current = SlotReplicas::new(3, "a", &["b", "c"]);
+    let target = SlotReplicas::new(3, "a", &["b", "d"]);
+    let caught: std::cell::RefCell<Vec<&str>> = std::cell::RefCell::new(vec![]);
+    let check = |n: &str| caught.borrow().contains(&n);
+    let progress = |applied: bool| MembershipProgress {
+        caught_up: &check,
+        owner_applied_current: applied,
+        configured_write_quorum: 2,
+    };
+    // 1. d joins as a learner; c keeps voting (no replacement yet).
+    let step1 = plan_membership(&current, &target, &progress(true));
+    assert_eq!(step1.learners, vec!["d"]);
+    assert_eq!(step1.followers, vec!["b", "c"]);
+    assert!(step1.leaving.is_empty());
+    // Not caught up: nothing more happens.
+    assert_eq!(plan_membership(&step1, &target, &progress(true)), step1);
+    // 2. d caught up: it votes, and c starts leaving in the same step.
+    caught.borrow_mut().push("d");
+    let step2 = plan_membership(&step1, &target, &progress(true));
+    assert_eq!(step2.followers, vec!["b", "d"]);
+    assert_eq!(step2.leaving, vec!["c"]);
+    assert!(step2.learners.is_empty());
+    // 3. c is removed only once the owner applied step 2 and a quorum of voters holds everything.
+    assert_eq!(
+        plan_membership(&step2, &target, &progress(false)).leaving,
+        vec!["c"]
+    );
+    caught.borrow_mut().clear();
+    assert_eq!(
+        plan_membership(&step2, &target, &progress(true)).leaving,
+        vec!["c"],
+        "b and d not caught up"
+    );
+    caught.borrow_mut().push("b");
+    let step3 = plan_membership(&step2, &target, &progress(true));
+    assert!(step3.leaving.is_empty());
+    assert_eq!(step3.followers, vec!["b", "d"]);
+    assert_eq!(step3.epoch, 3, "membership changes never change the epoch");
+    // A leaving member wanted again comes back as a learner, not straight to voting.
+    let back = plan_membership(&step2, &current, &progress(false));
+    assert!(back.learners.contains(&"c".to_string()) && !back.followers.contains(&"c".to_string()));
+}
+
+#[test]
+fn learners_and_leaving_members_survive_the_wire_form() {
+    let nodes = region(&[2, 2]);
+    let a = assign("c0", 4, 3, &nodes, None);
+    let mut slots = a.slots;
+    slots.slots[1].learners = vec!["c1-n1".into()];
+    slots.slots[2].leaving = vec!["c1-n0".into()];
+    let map = PlacementMap {
+        region: "eu".into(),
+        version: 2,
+        slot_count: 4,
+        replicas: 3,
+        nodes: nodes.iter().map(|n| (n.name.clone(), n.clone())).collect(),
+        colos: [("c0".to_string(), slots)].into_iter().collect(),
+    };
+    let json = serde_json::to_string(&map).expect("serialize");
+    assert!(
+        json.contains("\"learners\"") && json.contains("\"leaving\""),
+        "{json}"
+    );
+    let back: PlacementMap = serde_json::from_str(&json).expect("deserialize");
+    assert_eq!(back, map);
+    assert!(
+        back.replicas_of("c0", 1)
+            .is_some_and(|r| r.has("c1-n1") && r.len() == 3)
+    );
 }

@@ -9,7 +9,7 @@
 //! checkpointed past that record; the writer publishes which objects hold the oldest segment back
 //! so the node can checkpoint them.
 
-use super::record::{ObjectKey, RecordKind, decode_checkpoint};
+use super::record::{ObjectKey, RecordKind, SlotKey, decode_checkpoint};
 use super::segments::{self, encode_record, record_size};
 use crate::metrics::LogMetrics;
 use std::collections::{HashMap, VecDeque};
@@ -49,13 +49,20 @@ impl LogError {
 }
 
 /// A record to append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub slot: SlotKey,
+    pub generation: u64,
+}
+
 pub struct Append {
     pub kind: RecordKind,
     pub object: ObjectKey,
-    /// The object's reset generation: once a record of generation `g` failed, records of
-    /// generations `<= g` are refused, so nothing that built on a lost commit is ever logged.
-    pub generation: u64,
-    pub payload: Vec<u8>,
+    /// Entries of a slot's log carry their slot and its generation: once an entry of generation
+    /// `g` failed, later entries of generations `<= g` are refused, so a slot's local log never
+    /// has a hole (an entry missing while later ones are durable). Checkpoint markers carry none.
+    pub fence: Option<Fence>,
+    pub payload: bytes::Bytes,
     pub done: Completion,
 }
 
@@ -63,20 +70,46 @@ enum Msg {
     Append(Append),
     /// Completes when everything submitted before it is durable.
     Barrier(Completion),
-    /// Records a failure of an object's generation (when a commit could not even be submitted).
-    Fence(ObjectKey, u64),
+    /// Records a failure of a slot's generation (when an entry could not even be submitted).
+    Fence(Fence),
 }
 
 /// State shared between the writer thread and the rest of the node.
-#[derive(Default)]
 pub struct LogShared {
     durable_lsn: AtomicU64,
+    /// False after a failed write (disk full) until the next successful one.
+    healthy: std::sync::atomic::AtomicBool,
+    /// Segments ending at or below this LSN may be retired; others are kept (the slot positions
+    /// their records establish have not been saved elsewhere yet).
+    retire_limit: AtomicU64,
     /// Objects holding back the oldest segment (not yet checkpointed past their records in it).
     blockers: Mutex<Vec<ObjectKey>>,
     live_segments: AtomicU64,
 }
 
+impl Default for LogShared {
+    fn default() -> Self {
+        LogShared {
+            durable_lsn: AtomicU64::new(0),
+            healthy: std::sync::atomic::AtomicBool::new(true),
+            retire_limit: AtomicU64::new(0),
+            blockers: Mutex::new(Vec::new()),
+            live_segments: AtomicU64::new(0),
+        }
+    }
+}
+
 impl LogShared {
+    /// Allows retiring segments that end at or below `lsn`.
+    pub fn set_retire_limit(&self, lsn: u64) {
+        self.retire_limit.fetch_max(lsn, Ordering::AcqRel);
+    }
+
+    /// False while the log cannot be written (e.g. disk full).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
     pub fn durable_lsn(&self) -> u64 {
         self.durable_lsn.load(Ordering::Acquire)
     }
@@ -109,9 +142,9 @@ impl NodeLog {
         }
     }
 
-    /// Refuses all further records of `object` with generation `<= generation`.
-    pub fn fence(&self, object: ObjectKey, generation: u64) {
-        let _ = self.tx.send(Msg::Fence(object, generation));
+    /// Refuses all further entries of the slot with generation `<= fence.generation`.
+    pub fn fence(&self, fence: Fence) {
+        let _ = self.tx.send(Msg::Fence(fence));
     }
 
     pub fn shared(&self) -> &Arc<LogShared> {
@@ -243,7 +276,7 @@ struct Writer {
     offset: u64,
     segments: VecDeque<Segment>,
     checkpointed: HashMap<ObjectKey, u64>,
-    fenced: HashMap<ObjectKey, u64>,
+    fenced: HashMap<SlotKey, u64>,
     spares: Arc<Spares>,
     shared: Arc<LogShared>,
     metrics: LogMetrics,
@@ -357,7 +390,6 @@ struct Pending {
 struct Unflushed {
     pending: usize,
     object: ObjectKey,
-    generation: u64,
     lsn: u64,
     kind: RecordKind,
     marker: Option<(ObjectKey, u64)>,
@@ -416,22 +448,23 @@ impl Writer {
                     });
                     continue;
                 }
-                Msg::Fence(object, generation) => {
-                    self.fence_object(&object, generation);
+                Msg::Fence(f) => {
+                    self.fence_slot(Some(&f));
                     continue;
                 }
                 Msg::Append(a) => a,
             };
+            let fenced = a.fence.as_ref().is_some_and(|f| {
+                self.fenced
+                    .get(&f.slot)
+                    .is_some_and(|&min| f.generation < min)
+            });
             let refused = match &failure {
                 Some(e) => Some(e.clone()),
-                None => self
-                    .fenced
-                    .get(&a.object)
-                    .is_some_and(|&min| a.generation < min)
-                    .then_some(LogError::Fenced),
+                None => fenced.then_some(LogError::Fenced),
             };
             if let Some(err) = refused {
-                self.fence_object(&a.object, a.generation);
+                self.fence_slot(a.fence.as_ref());
                 pending.push(Pending {
                     done: a.done,
                     result: Err(err),
@@ -442,17 +475,16 @@ impl Writer {
             if self.offset + size > self.current().len {
                 // Seal the current segment durably before anything lands in the next one, so a
                 // valid record in a later segment implies every earlier one is complete.
-                let sealed = self
-                    .flush(buf_offset, &mut unflushed, &mut pending)
-                    .and_then(|()| self.switch_segment(size));
-                if let Err(e) = sealed {
+                self.flush(buf_offset, &mut unflushed, &mut pending);
+                if let Err(e) = self.switch_segment(size) {
                     tracing::error!(error = %e, "cannot move to a new log segment");
-                    failure = Some(LogError::from_io(&e));
-                    self.fail_unflushed(&mut unflushed, &mut pending, failure.clone());
-                    self.fence_object(&a.object, a.generation);
+                    self.shared.healthy.store(false, Ordering::Release);
+                    let err = LogError::from_io(&e);
+                    failure = Some(err.clone());
+                    self.fence_slot(a.fence.as_ref());
                     pending.push(Pending {
                         done: a.done,
-                        result: Err(failure.clone().unwrap_or(LogError::Closed)),
+                        result: Err(err),
                     });
                     continue;
                 }
@@ -462,13 +494,14 @@ impl Writer {
             encode_record(&mut self.buf, lsn, a.kind, &a.payload);
             self.offset += size;
             let marker = match a.kind {
-                RecordKind::Checkpoint => decode_checkpoint(&a.payload).ok(),
+                RecordKind::Checkpoint => decode_checkpoint(&a.payload)
+                    .ok()
+                    .map(|c| (c.object, c.upto)),
                 _ => None,
             };
             unflushed.push(Unflushed {
                 pending: pending.len(),
                 object: a.object,
-                generation: a.generation,
                 lsn,
                 kind: a.kind,
                 marker,
@@ -478,62 +511,42 @@ impl Writer {
                 result: Ok(lsn),
             });
         }
-
-        if failure.is_none()
-            && let Err(e) = self.flush(buf_offset, &mut unflushed, &mut pending)
-        {
-            tracing::error!(error = %e, "node log write failed");
-            self.fail_unflushed(&mut unflushed, &mut pending, Some(LogError::from_io(&e)));
-            // Nothing of the failed write counts; the next batch overwrites the same bytes.
-            self.offset = buf_offset;
-        }
+        self.flush(buf_offset, &mut unflushed, &mut pending);
         for p in pending {
             (p.done)(p.result);
         }
     }
 
-    /// Fails every record still in the buffer and fences its object's generation.
-    fn fail_unflushed(
-        &mut self,
-        unflushed: &mut Vec<Unflushed>,
-        pending: &mut [Pending],
-        err: Option<LogError>,
-    ) {
-        let err = err.unwrap_or(LogError::Closed);
-        for u in unflushed.drain(..) {
-            self.fence_object(&u.object, u.generation);
-            pending[u.pending].result = Err(err.clone());
+    /// Marks a slot's generation as failed: later entries of that generation are refused.
+    fn fence_slot(&mut self, fence: Option<&Fence>) {
+        if let Some(f) = fence {
+            let e = self.fenced.entry(f.slot.clone()).or_insert(0);
+            *e = (*e).max(f.generation + 1);
         }
-        self.buf.clear();
-    }
-
-    /// Marks `object` as failed at `generation`: later records of that generation are refused.
-    fn fence_object(&mut self, object: &ObjectKey, generation: u64) {
-        let e = self.fenced.entry(object.clone()).or_insert(0);
-        *e = (*e).max(generation + 1);
     }
 
     /// Writes the buffered records at `at` (offset in the current segment), fdatasyncs, and
     /// settles them: their objects are recorded against the current segment, their checkpoint
     /// markers take effect.
-    fn flush(
-        &mut self,
-        at: u64,
-        unflushed: &mut Vec<Unflushed>,
-        pending: &mut [Pending],
-    ) -> io::Result<()> {
+    ///
+    /// Segments are preallocated, so a write here cannot run out of space: an error is the disk
+    /// failing. After a failed write or fsync the kernel may have dropped dirty pages while
+    /// reporting them clean, so nothing written since the last good fsync can be trusted; the
+    /// process stops and recovery replays what is known durable (PostgreSQL's policy since 2018).
+    fn flush(&mut self, at: u64, unflushed: &mut Vec<Unflushed>, pending: &mut [Pending]) {
         if self.buf.is_empty() {
-            return Ok(());
+            return;
         }
-        self.file.write_all_at(&self.buf, at)?;
+        if let Err(e) = self.file.write_all_at(&self.buf, at) {
+            tracing::error!(error = %e, "write to the node log failed; aborting to recover from the durable log");
+            std::process::abort();
+        }
         let started = Instant::now();
         if let Err(e) = self.file.sync_data() {
-            // After a failed fsync the kernel may have dropped the dirty pages while reporting
-            // them clean; nothing written since the last good fsync can be trusted. Stop, and
-            // let recovery replay what is known durable (the policy PostgreSQL adopted).
             tracing::error!(error = %e, "fdatasync of the node log failed; aborting to recover from the durable log");
             std::process::abort();
         }
+        self.shared.healthy.store(true, Ordering::Release);
         self.metrics
             .fsync_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -561,7 +574,6 @@ impl Writer {
                 }
             }
         }
-        Ok(())
     }
 
     fn switch_segment(&mut self, record: u64) -> io::Result<()> {
@@ -584,11 +596,13 @@ impl Writer {
     }
 
     fn front_reclaimable(&self) -> bool {
+        let limit = self.shared.retire_limit.load(Ordering::Acquire);
         self.segments.len() > 1
             && self.segments.front().is_some_and(|s| {
-                s.objects
-                    .iter()
-                    .all(|(k, lsn)| self.checkpointed.get(k).is_some_and(|c| c >= lsn))
+                s.start + s.len <= limit
+                    && s.objects
+                        .iter()
+                        .all(|(k, lsn)| self.checkpointed.get(k).is_some_and(|c| c >= lsn))
             })
     }
 

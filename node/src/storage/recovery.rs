@@ -2,16 +2,23 @@
 //!
 //! Object databases run with `synchronous=OFF`, so after a crash their files and `-wal` files may
 //! hold anything from "last checkpoint" to "commits that were never acknowledged". The log decides:
-//! every `-wal` is discarded (the caller removes them before this runs), and every page set after
-//! the object's last durable checkpoint marker is written into its database file, page by page,
-//! in log order. Page sets are full page images, so re-applying one that the file already holds
-//! is harmless. A delete record removes the file, and later page sets rebuild it from nothing.
+//! every `-wal` is discarded (the caller removes them), and every entry after the object's last
+//! durable checkpoint is written into its database file, page by page, in log order. Page sets
+//! are full page images, so re-applying one the file already holds is harmless. A delete entry
+//! removes the file, and later page sets rebuild it from nothing.
 //!
-//! Afterwards the files are made durable with one `syncfs` (instead of an fsync per object) and
-//! the old segments are retired: nothing in them is needed any more.
+//! An entry is skipped when a checkpoint marker covers it (by log position, or by slot position),
+//! or when it is at or below the object's *floor* (its snapshot position after a sync): such
+//! entries are older than what the file holds.
+//!
+//! Afterwards the files are made durable with one `syncfs` (instead of an fsync per object), the
+//! caller records the slot positions the log established, and the old segments are retired.
 
-use super::record::{ObjectKey, PageSetView, RecordKind, decode_checkpoint, decode_object_of};
+use super::record::{
+    Entry, ObjectKey, RecordKind, SlotKey, SlotPos, decode_checkpoint, decode_object_of,
+};
 use super::segments::{self, decode_record, list_segments};
+use crate::lsn::Lsn;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -27,6 +34,8 @@ pub struct RecoveryReport {
     pub page_sets_applied: usize,
     pub objects_touched: usize,
     pub objects_deleted: usize,
+    /// The last entry of each slot found in the log.
+    pub slots: HashMap<SlotKey, SlotPos>,
 }
 
 /// Calls `visit` for every valid record of the log in `dir` below `upto`, in LSN order; returns
@@ -60,70 +69,166 @@ pub fn scan(
     Ok(next)
 }
 
-/// Rebuilds one object's database file from the durable log (below `upto`): used when a commit
-/// could not be made durable and the object's in-memory and `-wal` state must be forgotten. The
-/// caller has closed the database and discarded its `-wal`.
-pub fn replay_object(log_dir: &Path, key: &ObjectKey, db: &Path, upto: u64) -> io::Result<usize> {
-    let mut checkpointed = 0u64;
+/// Up to where an object's file is known to hold its entries.
+#[derive(Clone, Copy, Default)]
+struct Covered {
+    /// Log position of the newest checkpoint marker.
+    upto: u64,
+    /// Slot position: the newest marker's, or the floor set by a snapshot sync.
+    slot_lsn: Lsn,
+}
+
+fn covered_by_markers(
+    log_dir: &Path,
+    upto: u64,
+    only: Option<&ObjectKey>,
+    floors: &HashMap<ObjectKey, Lsn>,
+) -> io::Result<HashMap<ObjectKey, Covered>> {
+    let mut covered: HashMap<ObjectKey, Covered> = floors
+        .iter()
+        .filter(|(k, _)| only.is_none_or(|o| o == *k))
+        .map(|(k, f)| {
+            (
+                k.clone(),
+                Covered {
+                    upto: 0,
+                    slot_lsn: *f,
+                },
+            )
+        })
+        .collect();
     scan(log_dir, upto, |_, kind, payload| {
         if kind == RecordKind::Checkpoint
-            && let Ok((k, at)) = decode_checkpoint(payload)
-            && k == *key
+            && let Ok(c) = decode_checkpoint(payload)
+            && only.is_none_or(|o| *o == c.object)
         {
-            checkpointed = checkpointed.max(at);
+            let e = covered.entry(c.object).or_default();
+            e.upto = e.upto.max(c.upto);
+            e.slot_lsn = e.slot_lsn.max(c.slot_lsn);
         }
         Ok(())
     })?;
-    let mut file: Option<File> = None;
-    let mut len: Option<u64> = None;
-    let mut applied = 0;
-    scan(log_dir, upto, |lsn, kind, payload| {
-        if lsn <= checkpointed || kind == RecordKind::Checkpoint {
-            return Ok(());
-        }
-        if decode_object_of(payload).ok().as_ref() != Some(key) {
-            return Ok(());
-        }
+    Ok(covered)
+}
+
+/// Applies entries to database files, keeping a bounded set of descriptors.
+struct FileApplier<'a, F: Fn(&ObjectKey) -> PathBuf> {
+    locate: &'a F,
+    files: HashMap<ObjectKey, File>,
+    final_len: HashMap<ObjectKey, u64>,
+    deleted: BTreeSet<ObjectKey>,
+    dirs: BTreeSet<PathBuf>,
+    applied: usize,
+}
+
+const OPEN_FILES: usize = 256;
+
+impl<F: Fn(&ObjectKey) -> PathBuf> FileApplier<'_, F> {
+    fn apply(&mut self, kind: RecordKind, payload: &[u8]) -> io::Result<()> {
+        let entry = Entry::from_bytes(kind, payload.to_vec())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let key = entry.object();
         match kind {
+            RecordKind::Checkpoint => {}
             RecordKind::Delete => {
-                file = None;
-                len = None;
-                remove_database_files(db)?;
+                self.files.remove(&key);
+                self.final_len.remove(&key);
+                remove_database_files(&(self.locate)(&key))?;
+                self.deleted.insert(key);
             }
             RecordKind::PageSet => {
-                let view = PageSetView::decode(payload)
+                let view = entry
+                    .page_set()
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                if file.is_none() {
-                    if let Some(parent) = db.parent() {
-                        fs::create_dir_all(parent)?;
+                if !self.files.contains_key(&key) {
+                    if self.files.len() >= OPEN_FILES {
+                        self.files.clear();
                     }
-                    file = Some(
-                        OpenOptions::new()
-                            .read(true)
-                            .write(true)
-                            .create(true)
-                            .truncate(false)
-                            .open(db)?,
-                    );
+                    let path = (self.locate)(&key);
+                    if let Some(parent) = path.parent() {
+                        fs::create_dir_all(parent)?;
+                        self.dirs.insert(parent.to_path_buf());
+                    }
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&path)?;
+                    self.files.insert(key.clone(), f);
                 }
-                if let Some(f) = &file {
+                if let Some(f) = self.files.get(&key) {
                     let size = u64::from(view.header.page_size);
                     for (pgno, page) in view.pages() {
                         f.write_all_at(page, u64::from(pgno - 1) * size)?;
                     }
                 }
-                len = Some(u64::from(view.header.db_pages) * u64::from(view.header.page_size));
-                applied += 1;
+                self.final_len.insert(
+                    key.clone(),
+                    u64::from(view.header.db_pages) * u64::from(view.header.page_size),
+                );
+                self.deleted.remove(&key);
+                self.applied += 1;
             }
-            RecordKind::Checkpoint => {}
         }
         Ok(())
-    })?;
-    if let (Some(f), Some(len)) = (file, len) {
-        f.set_len(len)?;
-        f.sync_all()?;
     }
-    Ok(applied)
+
+    /// Sets final sizes.
+    fn finish(&mut self) -> io::Result<()> {
+        self.files.clear();
+        for (key, len) in &self.final_len {
+            let f = OpenOptions::new().write(true).open((self.locate)(key))?;
+            f.set_len(*len)?;
+        }
+        Ok(())
+    }
+}
+
+fn entry_lsn(kind: RecordKind, payload: &[u8]) -> Option<(SlotKey, SlotPos)> {
+    let e = Entry::from_bytes(kind, payload.to_vec()).ok()?;
+    Some((e.slot(), e.position()))
+}
+
+/// Rebuilds one object's database file from the durable log (below `upto`): used when a commit
+/// could not be made durable and the object's in-memory and `-wal` state must be forgotten. The
+/// caller has closed the database and discarded its `-wal`.
+pub fn replay_object(
+    log_dir: &Path,
+    key: &ObjectKey,
+    db: &Path,
+    upto: u64,
+    floor: Option<Lsn>,
+) -> io::Result<usize> {
+    let floors: HashMap<ObjectKey, Lsn> = floor.map(|f| (key.clone(), f)).into_iter().collect();
+    let covered = covered_by_markers(log_dir, upto, Some(key), &floors)?;
+    let c = covered.get(key).copied().unwrap_or_default();
+    let locate = |_: &ObjectKey| db.to_path_buf();
+    let mut applier = FileApplier {
+        locate: &locate,
+        files: HashMap::new(),
+        final_len: HashMap::new(),
+        deleted: BTreeSet::new(),
+        dirs: BTreeSet::new(),
+        applied: 0,
+    };
+    scan(log_dir, upto, |lsn, kind, payload| {
+        if kind == RecordKind::Checkpoint
+            || lsn <= c.upto
+            || decode_object_of(payload).ok().as_ref() != Some(key)
+        {
+            return Ok(());
+        }
+        if entry_lsn(kind, payload).is_some_and(|(_, p)| p.lsn <= c.slot_lsn) {
+            return Ok(());
+        }
+        applier.apply(kind, payload)
+    })?;
+    applier.finish()?;
+    if db.exists() {
+        File::open(db)?.sync_all()?;
+    }
+    Ok(applier.applied)
 }
 
 /// Removes a database's `-wal` and `-shm`, whose content the node log supersedes.
@@ -140,93 +245,54 @@ pub fn discard_wal(db: &Path) -> io::Result<()> {
     Ok(())
 }
 
-const OPEN_FILES: usize = 256;
-
-/// Replays the log in `log_dir` into the database files `locate` names, then retires the log.
+/// Replays the log in `log_dir` into the database files `locate` names; `before_retire` records
+/// the slot positions the log established (it runs after the files are durable), then the old
+/// segments are retired.
 pub fn recover(
     log_dir: &Path,
     locate: impl Fn(&ObjectKey) -> PathBuf,
+    floors: &HashMap<ObjectKey, Lsn>,
+    before_retire: impl FnOnce(&RecoveryReport) -> io::Result<()>,
 ) -> io::Result<RecoveryReport> {
     fs::create_dir_all(log_dir)?;
     let mut report = RecoveryReport::default();
-
-    // Pass 1: the newest durable checkpoint of every object.
-    let mut checkpointed: HashMap<ObjectKey, u64> = HashMap::new();
-    scan(log_dir, u64::MAX, |_, kind, payload| {
-        if kind == RecordKind::Checkpoint
-            && let Ok((key, upto)) = decode_checkpoint(payload)
-        {
-            let e = checkpointed.entry(key).or_insert(0);
-            *e = (*e).max(upto);
-        }
-        Ok(())
-    })?;
-
-    // Pass 2: apply what comes after it.
-    let mut files: HashMap<ObjectKey, File> = HashMap::new();
-    let mut final_len: HashMap<ObjectKey, u64> = HashMap::new();
-    let mut deleted: BTreeSet<ObjectKey> = BTreeSet::new();
-    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    let covered = covered_by_markers(log_dir, u64::MAX, None, floors)?;
+    let mut applier = FileApplier {
+        locate: &locate,
+        files: HashMap::new(),
+        final_len: HashMap::new(),
+        deleted: BTreeSet::new(),
+        dirs: BTreeSet::new(),
+        applied: 0,
+    };
     let next_lsn = scan(log_dir, u64::MAX, |lsn, kind, payload| {
         report.records += 1;
-        let Ok(key) = decode_object_of(payload) else {
+        if kind == RecordKind::Checkpoint {
             return Ok(());
+        }
+        let Some((slot, pos)) = entry_lsn(kind, payload) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("malformed entry at log position {lsn}"),
+            ));
         };
-        if checkpointed.get(&key).is_some_and(|&c| lsn <= c) {
+        let e = report.slots.entry(slot).or_insert(pos);
+        if pos.lsn > e.lsn {
+            *e = pos;
+        }
+        let key =
+            decode_object_of(payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if let Some(c) = covered.get(&key)
+            && (lsn <= c.upto || pos.lsn <= c.slot_lsn)
+        {
             return Ok(());
         }
-        match kind {
-            RecordKind::Checkpoint => {}
-            RecordKind::Delete => {
-                files.remove(&key);
-                final_len.remove(&key);
-                let path = locate(&key);
-                remove_database_files(&path)?;
-                deleted.insert(key);
-            }
-            RecordKind::PageSet => {
-                let view = PageSetView::decode(payload)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                if !files.contains_key(&key) {
-                    if files.len() >= OPEN_FILES {
-                        files.clear();
-                    }
-                    let path = locate(&key);
-                    if let Some(parent) = path.parent() {
-                        fs::create_dir_all(parent)?;
-                        dirs.insert(parent.to_path_buf());
-                    }
-                    let f = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(&path)?;
-                    files.insert(key.clone(), f);
-                }
-                if let Some(f) = files.get(&key) {
-                    let size = u64::from(view.header.page_size);
-                    for (pgno, page) in view.pages() {
-                        f.write_all_at(page, u64::from(pgno - 1) * size)?;
-                    }
-                }
-                final_len.insert(
-                    key.clone(),
-                    u64::from(view.header.db_pages) * u64::from(view.header.page_size),
-                );
-                deleted.remove(&key);
-                report.page_sets_applied += 1;
-            }
-        }
-        Ok(())
+        applier.apply(kind, payload)
     })?;
-    drop(files);
-    for (key, len) in &final_len {
-        let f = OpenOptions::new().write(true).open(locate(key))?;
-        f.set_len(*len)?;
-    }
-    report.objects_touched = final_len.len();
-    report.objects_deleted = deleted.len();
+    applier.finish()?;
+    report.page_sets_applied = applier.applied;
+    report.objects_touched = applier.final_len.len();
+    report.objects_deleted = applier.deleted.len();
     report.next_lsn = next_lsn;
 
     // One syncfs makes every file written above durable; then directory entries.
@@ -236,10 +302,11 @@ pub fn recover(
         if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        for d in &dirs {
+        for d in &applier.dirs {
             segments::sync_dir(d)?;
         }
     }
+    before_retire(&report)?;
 
     // Everything the log held is now in the database files: retire its segments as spares.
     let old = list_segments(log_dir)?;

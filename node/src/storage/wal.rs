@@ -6,7 +6,7 @@
 //! the frames between the previous count and the new one are exactly that commit's pages (a page
 //! written twice within it appears twice, and the later frame wins).
 
-use super::record::{ObjectKey, PageSetBuilder};
+use super::record::{Entry, ObjectKey, PageSetBuilder, SlotKey};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -29,9 +29,9 @@ pub struct WalReader {
     buf: Vec<u8>,
 }
 
-/// The pages of one commit, ready to be logged.
+/// The pages of one commit, ready to be placed in its slot's log.
 pub struct CapturedCommit {
-    pub payload: Vec<u8>,
+    pub entry: Entry,
     pub db_pages: u32,
     pub page_count: u32,
 }
@@ -53,6 +53,7 @@ impl WalReader {
     pub fn capture(
         &mut self,
         object: &ObjectKey,
+        slot: &SlotKey,
         from: u32,
         to: u32,
     ) -> Result<CapturedCommit, WalError> {
@@ -80,14 +81,14 @@ impl WalReader {
         latest.sort_by_key(|&(pgno, i)| (pgno, std::cmp::Reverse(i)));
         latest.dedup_by_key(|(pgno, _)| *pgno);
 
-        let mut builder = PageSetBuilder::new(object, self.page_size, db_pages, latest.len());
+        let mut builder = PageSetBuilder::new(object, slot, self.page_size, db_pages, latest.len());
         for (pgno, i) in &latest {
             let start = i * frame + FRAME_HEADER_BYTES as usize;
             builder.push(*pgno, &self.buf[start..start + self.page_size as usize]);
         }
         let page_count = builder.page_count();
         Ok(CapturedCommit {
-            payload: builder.finish(),
+            entry: builder.finish(),
             db_pages,
             page_count,
         })

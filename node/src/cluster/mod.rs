@@ -1,0 +1,585 @@
+//! A node's part in the cluster: which slots it owns or follows, its lease, its replication
+//! links, and where an object lives.
+//!
+//! A standalone node (no control plane configured) is a cluster of one: it owns every slot of its
+//! colo, with no followers, and its lease never lapses. Everything goes through the same path.
+
+pub mod applier;
+pub mod control;
+pub mod journal;
+pub mod lease;
+pub mod links;
+pub mod peer_client;
+pub mod slot;
+pub mod sync;
+pub mod wire;
+
+use self::applier::Applier;
+use self::control::{ControlPlane, Heartbeat};
+use self::journal::{JournalState, Line, SlotJournal};
+use self::lease::Lease;
+use self::links::Links;
+use self::peer_client::PeerClient;
+use self::slot::{Phase, Role, Slot};
+use self::wire::Frame;
+use crate::error::ApiError;
+use crate::id::{ObjectId, tag16};
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::namespace::Namespace;
+use crate::placement::{ColoSlots, NodeInfo, PlacementMap, SlotReplicas};
+use crate::storage::log::NodeLog;
+use crate::storage::record::{ObjectKey, SlotKey, SlotPos};
+use futures::future::BoxFuture;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+/// What the cluster needs from the node's objects.
+pub trait SlotHost: Send + Sync {
+    /// Closes every open object of `slot` (its owner role ended); resolves when all are closed.
+    fn close_slot(&self, slot: SlotKey) -> BoxFuture<'static, ()>;
+    /// A consistent copy of an owned object's database and the slot position of its last entry.
+    fn snapshot(&self, object: ObjectKey) -> BoxFuture<'static, Result<(Vec<u8>, Lsn), ApiError>>;
+}
+
+/// Where a request for an object should go.
+pub enum Route {
+    Local(Arc<Slot>),
+    Remote { node: String, address: String },
+}
+
+pub struct Cluster {
+    pub me: String,
+    pub colo: String,
+    pub region: String,
+    pub advertise: String,
+    pub standalone: bool,
+    pub source_address: Option<IpAddr>,
+    pub lease: Lease,
+    pub log: NodeLog,
+    pub journal: SlotJournal,
+    pub links: Links,
+    pub applier: Applier,
+    pub peers: PeerClient,
+    pub metrics: Arc<Metrics>,
+    pub namespaces: Arc<HashMap<String, Arc<Namespace>>>,
+    placement: RwLock<Arc<PlacementMap>>,
+    slots: RwLock<HashMap<SlotKey, Arc<Slot>>>,
+    /// What the journal and recovery said about each slot when the node started.
+    initial: Mutex<JournalState>,
+    host: OnceLock<Weak<dyn SlotHost>>,
+    /// Largest write quorum configured over the namespaces.
+    pub configured_quorum: usize,
+    ownership_log: Mutex<Option<std::fs::File>>,
+    pub data_dir: PathBuf,
+    syncing: Mutex<std::collections::HashSet<SlotKey>>,
+}
+
+pub struct ClusterSetup {
+    pub me: String,
+    pub colo: String,
+    pub region: String,
+    pub advertise: String,
+    pub source_address: Option<IpAddr>,
+    /// `None`: standalone.
+    pub lease_duration: Option<Duration>,
+    pub slot_count: u32,
+    pub log: NodeLog,
+    pub journal: SlotJournal,
+    pub journal_state: JournalState,
+    pub recovered_positions: HashMap<SlotKey, SlotPos>,
+    pub applier: Applier,
+    pub metrics: Arc<Metrics>,
+    pub namespaces: Arc<HashMap<String, Arc<Namespace>>>,
+    pub data_dir: PathBuf,
+}
+
+/// The placement of a standalone node: it owns every slot of its colo.
+pub fn standalone_placement(me: &NodeInfo, region: &str, slot_count: u32) -> PlacementMap {
+    let slots = (0..slot_count)
+        .map(|_| SlotReplicas::new(1, &me.name, &[]))
+        .collect();
+    PlacementMap {
+        region: region.to_string(),
+        version: 1,
+        slot_count,
+        replicas: 1,
+        nodes: BTreeMap::from([(me.name.clone(), me.clone())]),
+        colos: BTreeMap::from([(me.colo.clone(), ColoSlots { slots })]),
+    }
+}
+
+fn hash_to(id: &ObjectId, n: usize) -> usize {
+    let b = id.as_bytes();
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[16..24]);
+    (u64::from_be_bytes(x) % n.max(1) as u64) as usize
+}
+
+impl Cluster {
+    pub fn new(setup: ClusterSetup) -> Arc<Cluster> {
+        let mut initial = setup.journal_state;
+        for (slot, pos) in setup.recovered_positions {
+            let e = initial.positions.entry(slot).or_insert(pos);
+            if pos.lsn > e.lsn {
+                *e = pos;
+            }
+        }
+        // A sync cut short left files that match no position: start the slot from nothing, so
+        // its owner asks for a fresh sync.
+        for slot in &initial.interrupted_syncs {
+            initial.positions.insert(slot.clone(), SlotPos::START);
+        }
+        let me_info = NodeInfo {
+            name: setup.me.clone(),
+            colo: setup.colo.clone(),
+            address: setup.advertise.clone(),
+        };
+        let standalone = setup.lease_duration.is_none();
+        let placement = if standalone {
+            standalone_placement(&me_info, &setup.region, setup.slot_count)
+        } else {
+            PlacementMap {
+                region: setup.region.clone(),
+                version: 0,
+                slot_count: setup.slot_count,
+                replicas: 1,
+                nodes: BTreeMap::new(),
+                colos: BTreeMap::new(),
+            }
+        };
+        let configured_quorum = setup
+            .namespaces
+            .values()
+            .map(|n| n.config.replication.write_quorum)
+            .max()
+            .unwrap_or(1);
+        let ownership_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(setup.data_dir.join("ownership.log"))
+            .ok();
+        Arc::new(Cluster {
+            me: setup.me,
+            colo: setup.colo,
+            region: setup.region,
+            advertise: setup.advertise,
+            standalone,
+            source_address: setup.source_address,
+            lease: match setup.lease_duration {
+                Some(d) => Lease::new(d),
+                None => Lease::always_valid(),
+            },
+            log: setup.log,
+            journal: setup.journal,
+            links: Links::default(),
+            applier: setup.applier,
+            peers: PeerClient::new(setup.source_address),
+            metrics: setup.metrics,
+            namespaces: setup.namespaces,
+            placement: RwLock::new(Arc::new(placement)),
+            slots: RwLock::new(HashMap::new()),
+            initial: Mutex::new(initial),
+            host: OnceLock::new(),
+            configured_quorum,
+            ownership_log: Mutex::new(ownership_log),
+            data_dir: setup.data_dir,
+            syncing: Mutex::new(Default::default()),
+        })
+    }
+
+    pub fn set_host(&self, host: Weak<dyn SlotHost>) {
+        let _ = self.host.set(host);
+    }
+
+    fn host(&self) -> Option<Arc<dyn SlotHost>> {
+        self.host.get().and_then(Weak::upgrade)
+    }
+
+    pub fn placement(&self) -> Arc<PlacementMap> {
+        self.placement
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn address_of(&self, node: &str) -> Option<String> {
+        self.placement().node(node).map(|n| n.address.clone())
+    }
+
+    /// The slot, created with what the journal and recovery know about it and the role the
+    /// current placement gives it.
+    pub fn slot(self: &Arc<Self>, key: &SlotKey) -> Arc<Slot> {
+        if let Some(s) = self.slots.read().ok().and_then(|m| m.get(key).cloned()) {
+            return s;
+        }
+        let (slot, created) = {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            match slots.get(key) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let init = self.initial.lock().unwrap_or_else(|p| p.into_inner());
+                    let s = Arc::new(Slot::new(
+                        key.clone(),
+                        init.fenced.get(key).copied().unwrap_or(0),
+                        init.positions.get(key).copied().unwrap_or_default(),
+                        init.floors.get(key).cloned().unwrap_or_default(),
+                    ));
+                    slots.insert(key.clone(), s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if created {
+            let map = self.placement();
+            if let Some(r) = map.replicas_of(&key.colo, key.slot)
+                && r.has(&self.me)
+            {
+                slot.set_replicas(self, Some(r), self.configured_quorum);
+            }
+        }
+        slot
+    }
+
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The home colo of an object: encoded in unique IDs; named IDs are spread over the region's
+    /// colos by hash (a directory of first-use colos is future work).
+    pub fn home_colo(&self, map: &PlacementMap, id: &ObjectId) -> Result<String, ApiError> {
+        match id.home_colo_tag() {
+            Some(tag) => map
+                .colos
+                .keys()
+                .find(|c| tag16("colo", c) == tag)
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::new(
+                        421,
+                        "wrong_region",
+                        format!(
+                            "object {id} belongs to a colo outside region {:?}",
+                            map.region
+                        ),
+                    )
+                }),
+            None => {
+                let colos: Vec<&String> = map.colos.keys().collect();
+                if colos.is_empty() {
+                    return Err(ApiError::unavailable(
+                        "no_placement",
+                        "the cluster has not placed any slots yet; retry shortly",
+                    ));
+                }
+                Ok(colos[hash_to(id, colos.len())].clone())
+            }
+        }
+    }
+
+    pub fn slot_key_of(&self, id: &ObjectId) -> Result<SlotKey, ApiError> {
+        let map = self.placement();
+        let colo = self.home_colo(&map, id)?;
+        Ok(SlotKey::new(&colo, id.slot(map.slot_count)))
+    }
+
+    /// Where requests for `id` go now.
+    pub fn route(self: &Arc<Self>, id: &ObjectId) -> Result<Route, ApiError> {
+        let map = self.placement();
+        let colo = self.home_colo(&map, id)?;
+        let slot_no = id.slot(map.slot_count);
+        let Some(replicas) = map.replicas_of(&colo, slot_no) else {
+            return Err(ApiError::unavailable(
+                "no_placement",
+                "the slot has no owner yet; retry shortly",
+            ));
+        };
+        if replicas.owner == self.me {
+            return Ok(Route::Local(self.slot(&SlotKey::new(&colo, slot_no))));
+        }
+        match map.node(&replicas.owner) {
+            Some(n) => Ok(Route::Remote {
+                node: n.name.clone(),
+                address: n.address.clone(),
+            }),
+            None => Err(ApiError::unavailable(
+                "no_placement",
+                "the slot's owner is unknown; retry shortly",
+            )),
+        }
+    }
+
+    /// The slot of `key`, if this node serves it now; waits briefly while it is recovering or
+    /// handing off, so a request arriving during a move is not refused needlessly.
+    pub fn serving_slot(self: &Arc<Self>, key: &ObjectKey) -> Result<Arc<Slot>, ApiError> {
+        let slot_key = self.slot_key_of(&key.id)?;
+        let slot = self.slot(&slot_key);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if slot.serving() && self.lease.valid() {
+                return Ok(slot);
+            }
+            let moving = matches!(
+                slot.role(),
+                Role::Owner {
+                    phase: Phase::Recovering | Phase::Draining,
+                    ..
+                }
+            );
+            if !moving || Instant::now() > deadline {
+                let why = if !self.lease.valid() {
+                    "its lease is not current"
+                } else {
+                    "ownership moved"
+                };
+                return Err(ApiError::unavailable(
+                    "not_owner",
+                    format!("this node does not serve slot {slot_key} right now ({why}); retry"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Applies a newer placement map: roles of every slot this node is in (or was in).
+    pub fn apply_placement(self: &Arc<Self>, map: PlacementMap) {
+        let current = self.placement();
+        if map.version <= current.version && !current.colos.is_empty() {
+            return;
+        }
+        let version = map.version;
+        let map = Arc::new(map);
+        if let Ok(mut p) = self.placement.write() {
+            *p = map.clone();
+        }
+        let mut touched: Vec<SlotKey> = Vec::new();
+        for (colo, slots) in &map.colos {
+            for (i, r) in slots.slots.iter().enumerate() {
+                if r.has(&self.me) {
+                    let key = SlotKey::new(colo, i as u32);
+                    self.slot(&key)
+                        .set_replicas(self, Some(r), self.configured_quorum);
+                    touched.push(key);
+                }
+            }
+        }
+        // Slots this node no longer takes part in.
+        for slot in self.slots() {
+            if !touched.contains(&slot.key) && slot.role() != Role::None {
+                slot.set_replicas(self, None, self.configured_quorum);
+            }
+        }
+        self.lease.placement_applied(version);
+        tracing::info!(version, slots = touched.len(), "placement applied");
+    }
+
+    pub fn on_link_up(self: &Arc<Self>, node: &str) {
+        for slot in self.slots() {
+            slot.on_link_up(self, node);
+        }
+    }
+
+    pub fn on_frame_from_follower(self: &Arc<Self>, node: &str, frame: Frame) {
+        match frame {
+            Frame::Ack { slot, lsn } => self.slot(&slot).on_ack(self, node, lsn),
+            Frame::Status {
+                slot,
+                fenced,
+                position,
+                state,
+            } => self
+                .slot(&slot)
+                .on_status(self, node, fenced, position, state),
+            other => tracing::debug!(node, ?other, "unexpected frame from a follower"),
+        }
+    }
+
+    /// Closes this node's open objects of a slot it stopped owning, then lets entries apply.
+    pub fn close_local_objects(self: &Arc<Self>, slot: Arc<Slot>) {
+        let Some(host) = self.host() else {
+            slot.closed_local_objects();
+            return;
+        };
+        let fut = host.close_slot(slot.key.clone());
+        tokio::spawn(async move {
+            fut.await;
+            slot.closed_local_objects();
+        });
+    }
+
+    pub fn snapshot(
+        &self,
+        object: ObjectKey,
+    ) -> BoxFuture<'static, Result<(Vec<u8>, Lsn), ApiError>> {
+        match self.host() {
+            Some(h) => h.snapshot(object),
+            None => Box::pin(async {
+                Err(ApiError::unavailable(
+                    "shutting_down",
+                    "the node is shutting down",
+                ))
+            }),
+        }
+    }
+
+    /// Records that this node accepted writes for `slot` as owner in `epoch` (for audits and the
+    /// split-brain check of the fault-injection tests).
+    pub fn note_owner_epoch(&self, slot: &SlotKey, epoch: u64) {
+        if let Ok(mut f) = self.ownership_log.lock()
+            && let Some(f) = f.as_mut()
+        {
+            let _ = writeln!(f, "{} {} {} {}", self.me, slot.colo, slot.slot, epoch);
+        }
+    }
+
+    /// Starts a snapshot sync of `slot` from its owner unless one is running.
+    pub fn start_sync(self: &Arc<Self>, slot: SlotKey) {
+        {
+            let mut running = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+            if !running.insert(slot.clone()) {
+                return;
+            }
+        }
+        let cl = self.clone();
+        tokio::spawn(async move {
+            let result = sync::sync_slot(&cl, &slot).await;
+            if let Err(e) = &result {
+                tracing::warn!(%slot, error = %e, "snapshot sync failed; the owner will ask again");
+            }
+            cl.syncing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&slot);
+        });
+    }
+
+    pub fn metrics_log_failure(&self) {
+        self.metrics.replication.log_failures.inc();
+    }
+    pub fn metrics_sync_required(&self) {
+        self.metrics.replication.syncs_requested.inc();
+    }
+    pub fn metrics_gap(&self) {
+        self.metrics.replication.gaps.inc();
+    }
+    pub fn metrics_corrupt_frame(&self) {
+        self.metrics.replication.corrupt_frames.inc();
+    }
+
+    /// A node whose log cannot be written stops renewing its lease: its slots move elsewhere.
+    pub fn healthy(&self) -> bool {
+        self.log.shared().healthy()
+    }
+
+    /// Every voter-or-receiver slot's durable position, journaled so restarts know them.
+    fn save_positions(&self, saved: &mut HashMap<SlotKey, SlotPos>) {
+        let upto = self.log.shared().durable_lsn();
+        let mut lines = Vec::new();
+        let mut changed = Vec::new();
+        for slot in self.slots() {
+            let st = slot.lock();
+            let pos = st.durable;
+            let floors_passed = !st.floors.is_empty() && st.floors.values().all(|f| pos.lsn >= *f);
+            drop(st);
+            if saved.get(&slot.key) != Some(&pos) {
+                lines.push(Line::position(&slot.key, pos));
+                changed.push((slot.key.clone(), pos));
+            }
+            if floors_passed {
+                slot.lock().floors.clear();
+                lines.push(Line::ClearFloors {
+                    colo: slot.key.colo.to_string(),
+                    slot: slot.key.slot,
+                });
+            }
+        }
+        match self.journal.record(&lines) {
+            Ok(()) => {
+                saved.extend(changed);
+                // Records up to `upto` no longer carry the only copy of a slot position.
+                self.log.shared().set_retire_limit(upto);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot journal slot positions"),
+        }
+    }
+
+    /// Background work: lease renewal, placement watch, releasing and probing, position saving.
+    pub fn spawn_background(self: &Arc<Self>, control: Option<Arc<dyn ControlPlane>>) {
+        let cl = self.clone();
+        tokio::spawn(async move {
+            let mut saved = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut last_save = Instant::now();
+            loop {
+                tick.tick().await;
+                for slot in cl.slots() {
+                    if matches!(slot.role(), Role::Owner { .. }) {
+                        slot.poke(&cl);
+                    }
+                }
+                if last_save.elapsed() > Duration::from_secs(2) {
+                    last_save = Instant::now();
+                    let c = cl.clone();
+                    let mut s = std::mem::take(&mut saved);
+                    saved = tokio::task::spawn_blocking(move || {
+                        c.save_positions(&mut s);
+                        s
+                    })
+                    .await
+                    .unwrap_or_default();
+                }
+            }
+        });
+        let Some(control) = control else { return };
+        let cl = self.clone();
+        let hb_control = control.clone();
+        tokio::spawn(async move {
+            let period = cl.lease.duration() / 3;
+            let hb = Heartbeat {
+                node: NodeInfo {
+                    name: cl.me.clone(),
+                    colo: cl.colo.clone(),
+                    address: cl.advertise.clone(),
+                },
+                region: cl.region.clone(),
+                lease_ms: cl.lease.duration().as_millis() as u64,
+            };
+            loop {
+                if cl.healthy() {
+                    let sent = Instant::now();
+                    match hb_control.heartbeat(&hb).await {
+                        Ok(reply) => cl.lease.renewed(sent, reply.placement_version),
+                        Err(e) => tracing::warn!(error = %e, "heartbeat not renewed"),
+                    }
+                } else {
+                    tracing::warn!("the node log cannot be written: not renewing the lease");
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+        let cl = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let after = cl.placement().version;
+                match control.placement_after(after).await {
+                    Ok(Some(map)) => {
+                        let c = cl.clone();
+                        let _ = tokio::task::spawn_blocking(move || c.apply_placement(map)).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot fetch the placement map");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+    }
+}

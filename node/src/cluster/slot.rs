@@ -1,0 +1,1002 @@
+//! One slot on this node: its role, its position in the slot's log, and
+//! - as **owner**: the entries waiting for a write quorum and how far each follower has got;
+//! - as **follower**: accepting the owner's entries in order, durably, and acknowledging them.
+//!
+//! Safety rests on three rules. Entries are accepted only in chain order (a follower's durable
+//! position summarises everything before it). A follower fenced at epoch E refuses entries of
+//! older epochs and never acknowledges them afterwards, even ones it had already accepted. And an
+//! owner answers clients only while its lease is valid, once a quorum of voters holds the entry.
+
+use super::Cluster;
+use super::wire::{FollowerState, Frame, append_frame};
+use crate::error::ApiError;
+use crate::lsn::Lsn;
+use crate::placement::{SlotReplicas, effective_write_quorum};
+use crate::storage::log::{Append, Fence, LogError};
+use crate::storage::record::{Entry, ObjectKey, SlotKey, SlotPos};
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Called once an entry is durable on a write quorum (with its local log position) or has failed.
+pub type Done = Box<dyn FnOnce(Result<u64, ApiError>) + Send>;
+
+/// Where acknowledgements and status reports to an owner go.
+pub type Replier = UnboundedSender<Frame>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Phase {
+    /// Bringing a quorum of voters up to its position before serving.
+    Recovering,
+    Serving,
+    /// Handing off: no new writes; waiting for the target to catch up.
+    Draining,
+    /// Its local log failed (disk full): not serving until it has caught up again as a follower.
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    None,
+    Follower { epoch: u64 },
+    Owner { epoch: u64, phase: Phase },
+}
+
+struct Pending {
+    pos: SlotPos,
+    needed: usize,
+    /// Local log position once durable here.
+    log_lsn: Option<u64>,
+    done: Option<Done>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Stream {
+    /// Waiting for the follower to report its position.
+    Probing,
+    Streaming,
+    /// The follower is installing a snapshot.
+    Syncing,
+}
+
+struct Progress {
+    node: String,
+    /// Counts towards the write quorum (a follower, not a learner or leaving member).
+    votes: bool,
+    acked: Lsn,
+    stream: Stream,
+    since: Instant,
+}
+
+/// An entry kept in memory to resend to followers that fall a little behind.
+struct RingEntry {
+    frame: Frame,
+    pos: SlotPos,
+    bytes: usize,
+}
+
+const RING_ENTRIES: usize = 512;
+const RING_BYTES: usize = 4 << 20;
+
+pub struct SlotState {
+    pub role: Role,
+    /// Entries of epochs below this are refused (a durable promise, see [`Slot::fence`]).
+    pub fenced: u64,
+    /// Last entry handed to the local log.
+    pub appended: SlotPos,
+    /// Last entry durable in the local log.
+    pub durable: SlotPos,
+    /// Follower: last entry written into the database files.
+    pub applied: Lsn,
+    /// Generation for log fencing: bumped after a local log failure.
+    generation: u64,
+    pending: VecDeque<Pending>,
+    progress: Vec<Progress>,
+    ring: VecDeque<RingEntry>,
+    ring_bytes: usize,
+    /// Position just before the oldest ring entry.
+    ring_base: SlotPos,
+    /// The replica set this node last applied from the placement map.
+    pub replicas: Option<SlotReplicas>,
+    /// Write quorum configured (largest over the namespaces), for serving decisions.
+    pub configured_quorum: usize,
+    /// Follower: a snapshot sync is running.
+    pub syncing: bool,
+    /// Follower after a demotion: local copies are still open as owner objects.
+    pub closing: bool,
+    /// Follower: entries of an object at or below its floor are not applied (snapshot sync).
+    pub floors: HashMap<ObjectKey, Lsn>,
+    /// First epoch this node accepted writes in as owner (recorded once per epoch).
+    accepted_epoch: u64,
+}
+
+pub struct Slot {
+    pub key: SlotKey,
+    state: Mutex<SlotState>,
+    /// Woken whenever the slot's role or phase changes.
+    pub changed: tokio::sync::Notify,
+}
+
+/// What the admin API reports about a slot.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotReport {
+    pub colo: String,
+    pub slot: u32,
+    pub role: &'static str,
+    pub phase: Option<Phase>,
+    pub epoch: u64,
+    pub fenced: u64,
+    pub durable: Lsn,
+    pub appended: Lsn,
+    pub applied: Lsn,
+    pub pending: usize,
+    pub followers: Vec<FollowerReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FollowerReport {
+    pub node: String,
+    pub votes: bool,
+    pub acked: Lsn,
+    pub stream: Stream,
+}
+
+fn not_owner(key: &SlotKey, why: &str) -> ApiError {
+    ApiError::unavailable(
+        "not_owner",
+        format!("this node does not serve slot {key} right now ({why}); retry"),
+    )
+}
+
+impl Slot {
+    pub fn new(
+        key: SlotKey,
+        fenced: u64,
+        position: SlotPos,
+        floors: HashMap<ObjectKey, Lsn>,
+    ) -> Self {
+        Slot {
+            key,
+            state: Mutex::new(SlotState {
+                role: Role::None,
+                fenced,
+                appended: position,
+                durable: position,
+                applied: position.lsn,
+                generation: 0,
+                pending: VecDeque::new(),
+                progress: Vec::new(),
+                ring: VecDeque::new(),
+                ring_bytes: 0,
+                ring_base: position,
+                replicas: None,
+                configured_quorum: 1,
+                syncing: false,
+                closing: false,
+                floors,
+                accepted_epoch: 0,
+            }),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn role(&self) -> Role {
+        self.lock().role
+    }
+
+    pub fn durable(&self) -> SlotPos {
+        self.lock().durable
+    }
+
+    /// True if this node serves the slot now (owner, serving, not fenced).
+    pub fn serving(&self) -> bool {
+        let st = self.lock();
+        matches!(st.role, Role::Owner { epoch, phase: Phase::Serving } if epoch >= st.fenced)
+    }
+
+    // ----- owner side -----
+
+    /// Places a committed entry in the slot's log, logs it locally and sends it to the followers.
+    /// `done` runs once `needed` voters (this node included) hold it durably.
+    pub fn append(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        mut entry: Entry,
+        configured_quorum: usize,
+        done: Done,
+    ) -> Result<SlotPos, ApiError> {
+        let mut st = self.lock();
+        let epoch = match st.role {
+            Role::Owner {
+                epoch,
+                phase: Phase::Serving,
+            } if epoch >= st.fenced => epoch,
+            Role::Owner {
+                phase: Phase::Failed,
+                ..
+            } => {
+                return Err(ApiError::new(
+                    507,
+                    "storage_full",
+                    "this node cannot write its log (disk full?); the slot moves to another node",
+                ));
+            }
+            _ => return Err(not_owner(&self.key, "ownership moved")),
+        };
+        if !cl.lease.valid() {
+            return Err(not_owner(&self.key, "its lease is not current"));
+        }
+        let voters = st.replicas.as_ref().map_or(1, SlotReplicas::len);
+        let needed = effective_write_quorum(configured_quorum, voters);
+        let prev = st.appended;
+        let pos = entry.place_after(prev, Lsn::new(epoch, prev.lsn.seq + 1));
+        st.appended = pos;
+        if st.accepted_epoch < epoch {
+            st.accepted_epoch = epoch;
+            cl.note_owner_epoch(&self.key, epoch);
+        }
+        let frame = append_frame(&entry);
+        let object = entry.object();
+        let kind = entry.kind;
+        let bytes = bytes::Bytes::from(entry.into_bytes());
+        for p in st.progress.iter().filter(|p| p.stream == Stream::Streaming) {
+            cl.links.send(&p.node, frame.clone());
+        }
+        push_ring(&mut st, frame, pos);
+        st.pending.push_back(Pending {
+            pos,
+            needed,
+            log_lsn: None,
+            done: Some(done),
+        });
+        // Logged while holding the slot lock, so the local log has the slot's entries in order.
+        let slot = self.clone();
+        let cl2 = cl.clone();
+        cl.log.append(Append {
+            kind,
+            object,
+            fence: Some(Fence {
+                slot: self.key.clone(),
+                generation: st.generation,
+            }),
+            payload: bytes,
+            done: Box::new(move |r| slot.on_local_durable(&cl2, pos, r)),
+        });
+        Ok(pos)
+    }
+
+    fn on_local_durable(&self, cl: &Arc<Cluster>, pos: SlotPos, result: Result<u64, LogError>) {
+        let mut st = self.lock();
+        let released = match result {
+            Ok(log_lsn) => {
+                if pos.lsn > st.durable.lsn {
+                    st.durable = pos;
+                }
+                if let Some(p) = st.pending.iter_mut().find(|p| p.pos.lsn == pos.lsn) {
+                    p.log_lsn = Some(log_lsn);
+                }
+                if !matches!(st.role, Role::Owner { .. }) {
+                    // Written as follower.
+                    Vec::new()
+                } else {
+                    take_released(&mut st, cl)
+                }
+            }
+            Err(e) => {
+                // The local log refused or failed: nothing after this entry is in it. Stop serving
+                // and fail what waits; a standalone node resumes at once, a clustered one lets its
+                // lease lapse (see `Cluster::healthy`) so a follower takes over.
+                tracing::error!(slot = %self.key, error = %e, "an entry could not be logged locally");
+                cl.metrics_log_failure();
+                st.generation += 1;
+                let err = crate::object::gate::api_error_of(&e);
+                let failed: Vec<Done> = st
+                    .pending
+                    .drain(..)
+                    .filter_map(|mut p| p.done.take())
+                    .collect();
+                if cl.standalone {
+                    st.appended = st.durable;
+                    st.ring.clear();
+                    st.ring_bytes = 0;
+                    st.ring_base = st.durable;
+                } else if let Role::Owner { epoch, .. } = st.role {
+                    st.role = Role::Owner {
+                        epoch,
+                        phase: Phase::Failed,
+                    };
+                }
+                drop(st);
+                for d in failed {
+                    d(Err(err.clone()));
+                }
+                self.changed.notify_waiters();
+                return;
+            }
+        };
+        drop(st);
+        for (d, r) in released {
+            d(r);
+        }
+    }
+
+    /// A follower reports everything up to `lsn` durable.
+    pub fn on_ack(&self, cl: &Arc<Cluster>, node: &str, lsn: Lsn) {
+        let mut st = self.lock();
+        if let Some(p) = st.progress.iter_mut().find(|p| p.node == node)
+            && lsn > p.acked
+        {
+            p.acked = lsn;
+        }
+        let released = take_released(&mut st, cl);
+        drop(st);
+        for (d, r) in released {
+            d(r);
+        }
+    }
+
+    /// Releases what can be released (e.g. after the lease was renewed).
+    pub fn poke(&self, cl: &Arc<Cluster>) {
+        let mut st = self.lock();
+        let released = take_released(&mut st, cl);
+        let recovering_done = matches!(
+            st.role,
+            Role::Owner {
+                phase: Phase::Recovering,
+                ..
+            }
+        ) && recovered(&st);
+        if recovering_done && let Role::Owner { epoch, .. } = st.role {
+            st.role = Role::Owner {
+                epoch,
+                phase: Phase::Serving,
+            };
+            tracing::debug!(slot = %self.key, epoch, "serving");
+        }
+        let reprobe: Vec<String> = st
+            .progress
+            .iter_mut()
+            .filter(|p| {
+                p.stream != Stream::Streaming && p.since.elapsed() > Duration::from_millis(300)
+            })
+            .map(|p| {
+                p.since = Instant::now();
+                p.node.clone()
+            })
+            .collect();
+        let epoch = match st.role {
+            Role::Owner { epoch, .. } => epoch,
+            _ => 0,
+        };
+        drop(st);
+        if recovering_done {
+            self.changed.notify_waiters();
+        }
+        for node in reprobe {
+            cl.links.send(
+                &node,
+                Frame::Probe {
+                    slot: self.key.clone(),
+                    epoch,
+                },
+            );
+        }
+        for (d, r) in released {
+            d(r);
+        }
+    }
+
+    /// A follower reports its position (answer to a probe, a gap, a fence...).
+    pub fn on_status(
+        &self,
+        cl: &Arc<Cluster>,
+        node: &str,
+        fenced: u64,
+        position: SlotPos,
+        state: FollowerState,
+    ) {
+        let mut st = self.lock();
+        let Role::Owner { epoch, .. } = st.role else {
+            return;
+        };
+        if fenced > epoch {
+            // A newer epoch exists: this node is no longer the owner, whatever its map says.
+            tracing::warn!(slot = %self.key, epoch, newer = fenced, from = node, "fenced by a newer epoch; stepping down");
+            let failed = step_down(&mut st, Role::None);
+            drop(st);
+            fail_all(failed, &self.key);
+            self.changed.notify_waiters();
+            return;
+        }
+        let appended = st.appended;
+        let Some(idx) = st.progress.iter().position(|p| p.node == node) else {
+            return;
+        };
+        match state {
+            FollowerState::Syncing | FollowerState::Busy | FollowerState::Failing => {
+                let p = &mut st.progress[idx];
+                p.stream = if state == FollowerState::Syncing {
+                    Stream::Syncing
+                } else {
+                    Stream::Probing
+                };
+                p.since = Instant::now();
+            }
+            FollowerState::Ok | FollowerState::Gap | FollowerState::Fenced => {
+                if position == appended {
+                    let p = &mut st.progress[idx];
+                    p.acked = p.acked.max(position.lsn);
+                    p.stream = Stream::Streaming;
+                } else if let Some(from) = ring_index_after(&st, position) {
+                    let frames: Vec<Frame> =
+                        st.ring.iter().skip(from).map(|r| r.frame.clone()).collect();
+                    for f in frames {
+                        cl.links.send(node, f);
+                    }
+                    let p = &mut st.progress[idx];
+                    p.acked = p.acked.max(position.lsn);
+                    p.stream = Stream::Streaming;
+                } else {
+                    let p = &mut st.progress[idx];
+                    if p.stream != Stream::Syncing || p.since.elapsed() > Duration::from_secs(2) {
+                        p.stream = Stream::Syncing;
+                        p.since = Instant::now();
+                        cl.links.send(
+                            node,
+                            Frame::SyncRequired {
+                                slot: self.key.clone(),
+                                epoch,
+                            },
+                        );
+                        cl.metrics_sync_required();
+                    }
+                }
+            }
+        }
+        let released = take_released(&mut st, cl);
+        drop(st);
+        for (d, r) in released {
+            d(r);
+        }
+    }
+
+    /// The link to `node` (re)connected: ask it where it is.
+    pub fn on_link_up(&self, cl: &Arc<Cluster>, node: &str) {
+        let mut st = self.lock();
+        let Role::Owner { epoch, .. } = st.role else {
+            return;
+        };
+        if let Some(p) = st.progress.iter_mut().find(|p| p.node == node) {
+            p.stream = Stream::Probing;
+            p.since = Instant::now();
+            drop(st);
+            cl.links.send(
+                node,
+                Frame::Probe {
+                    slot: self.key.clone(),
+                    epoch,
+                },
+            );
+        }
+    }
+
+    // ----- follower side -----
+
+    /// An entry from the owner arrived.
+    pub fn on_append(self: &Arc<Self>, cl: &Arc<Cluster>, entry: Entry, reply: &Replier) {
+        let mut st = self.lock();
+        let status = |st: &SlotState, state: FollowerState| Frame::Status {
+            slot: self.key.clone(),
+            fenced: st.fenced,
+            position: st.durable,
+            state,
+        };
+        let lsn = entry.lsn();
+        if st.syncing {
+            let _ = reply.send(status(&st, FollowerState::Syncing));
+            return;
+        }
+        if lsn.epoch < st.fenced {
+            let _ = reply.send(status(&st, FollowerState::Fenced));
+            return;
+        }
+        match st.role {
+            Role::Owner { epoch, .. } if lsn.epoch <= epoch => {
+                let _ = reply.send(status(&st, FollowerState::Fenced));
+                return;
+            }
+            Role::Owner { .. } => {
+                // A newer owner exists and this node's map lags: stop owning.
+                let failed = step_down(&mut st, Role::Follower { epoch: lsn.epoch });
+                st.closing = true;
+                drop(st);
+                fail_all(failed, &self.key);
+                cl.close_local_objects(self.clone());
+                self.changed.notify_waiters();
+                let st = self.lock();
+                let _ = reply.send(status(&st, FollowerState::Busy));
+                return;
+            }
+            _ => {}
+        }
+        if st.closing {
+            let _ = reply.send(status(&st, FollowerState::Busy));
+            return;
+        }
+        if !cl.log.shared().healthy() && st.appended != st.durable {
+            let _ = reply.send(status(&st, FollowerState::Failing));
+            return;
+        }
+        if !entry.follows(st.appended) {
+            if entry.lsn() <= st.appended.lsn && ring_has(&st, entry.position()) {
+                return; // a resend of something already here
+            }
+            cl.metrics_gap();
+            let _ = reply.send(status(&st, FollowerState::Gap));
+            return;
+        }
+        let pos = entry.position();
+        st.appended = pos;
+        st.fenced = st.fenced.max(lsn.epoch);
+        let frame = append_frame(&entry);
+        push_ring(&mut st, frame, pos);
+        let slot = self.clone();
+        let cl2 = cl.clone();
+        let reply = reply.clone();
+        let object = entry.object();
+        let kind = entry.kind;
+        let shared = Arc::new(entry);
+        let for_apply = shared.clone();
+        cl.log.append(Append {
+            kind,
+            object,
+            fence: Some(Fence {
+                slot: self.key.clone(),
+                generation: st.generation,
+            }),
+            payload: bytes::Bytes::copy_from_slice(shared.bytes()),
+            done: Box::new(move |r| slot.on_follower_durable(&cl2, pos, r, for_apply, &reply)),
+        });
+    }
+
+    fn on_follower_durable(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        pos: SlotPos,
+        result: Result<u64, LogError>,
+        entry: Arc<Entry>,
+        reply: &Replier,
+    ) {
+        let mut st = self.lock();
+        match result {
+            Ok(log_lsn) => {
+                if pos.lsn > st.durable.lsn {
+                    st.durable = pos;
+                }
+                // Never acknowledge an epoch this node has since been fenced against: the fence
+                // answer reported a position, and acknowledging more would let the old owner
+                // count a vote the failover did not see.
+                if pos.lsn.epoch >= st.fenced {
+                    let _ = reply.send(Frame::Ack {
+                        slot: self.key.clone(),
+                        lsn: pos.lsn,
+                    });
+                }
+                let floor = st.floors.get(&entry.object()).copied();
+                drop(st);
+                cl.applier.apply(self.clone(), entry, log_lsn, floor);
+            }
+            Err(e) => {
+                tracing::warn!(slot = %self.key, error = %e, "follower could not log an entry");
+                cl.metrics_log_failure();
+                st.generation += 1;
+                st.appended = st.durable;
+                st.ring.clear();
+                st.ring_bytes = 0;
+                st.ring_base = st.durable;
+                let _ = reply.send(Frame::Status {
+                    slot: self.key.clone(),
+                    fenced: st.fenced,
+                    position: st.durable,
+                    state: FollowerState::Failing,
+                });
+            }
+        }
+    }
+
+    /// The applier wrote an entry into the database files.
+    pub fn note_applied(&self, lsn: Lsn) {
+        let mut st = self.lock();
+        if lsn > st.applied {
+            st.applied = lsn;
+        }
+    }
+
+    /// A probe from the owner: report where this node is.
+    pub fn status_frame(&self) -> Frame {
+        let st = self.lock();
+        let state = if st.syncing {
+            FollowerState::Syncing
+        } else if st.closing {
+            FollowerState::Busy
+        } else {
+            FollowerState::Ok
+        };
+        Frame::Status {
+            slot: self.key.clone(),
+            fenced: st.fenced,
+            position: st.durable,
+            state,
+        }
+    }
+
+    // ----- control -----
+
+    /// Promises to refuse entries of epochs below `epoch` (durably, before answering) and
+    /// reports the last durable position. An owner fenced at a newer epoch steps down.
+    pub fn fence(&self, cl: &Arc<Cluster>, epoch: u64) -> Result<SlotPos, ApiError> {
+        let (pos, failed) = {
+            let mut st = self.lock();
+            if epoch > st.fenced {
+                cl.journal
+                    .record(&[super::journal::Line::fence(&self.key, epoch)])
+                    .map_err(|e| {
+                        ApiError::internal(format!("cannot record the fence durably: {e}"))
+                    })?;
+                st.fenced = epoch;
+            }
+            let failed = match st.role {
+                Role::Owner { epoch: mine, .. } if mine < epoch => step_down(&mut st, Role::None),
+                _ => Vec::new(),
+            };
+            (st.durable, failed)
+        };
+        fail_all(failed, &self.key);
+        self.changed.notify_waiters();
+        Ok(pos)
+    }
+
+    /// Applies the slot's replica set from a new placement map.
+    pub fn set_replicas(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        replicas: Option<&SlotReplicas>,
+        configured_quorum: usize,
+    ) {
+        let me = cl.me.as_str();
+        let mut st = self.lock();
+        st.configured_quorum = configured_quorum;
+        let new_role = match replicas {
+            Some(r) if r.owner == me && r.epoch >= st.fenced => match st.role {
+                Role::Owner { epoch, phase } if epoch == r.epoch => Role::Owner { epoch, phase },
+                _ => Role::Owner {
+                    epoch: r.epoch,
+                    phase: Phase::Recovering,
+                },
+            },
+            Some(r) if r.has(me) && r.owner != me => Role::Follower { epoch: r.epoch },
+            _ => Role::None,
+        };
+        let old = st.role;
+        st.replicas = replicas.cloned();
+        let mut failed = Vec::new();
+        let mut close = false;
+        let mut probes = Vec::new();
+        match (old, new_role) {
+            (Role::Owner { epoch: a, .. }, Role::Owner { epoch: b, .. }) if a == b => {}
+            (_, Role::Owner { epoch, .. }) => {
+                // Promotion: recover before serving.
+                failed = step_down(&mut st, new_role);
+                st.fenced = st.fenced.max(epoch);
+                st.closing = false;
+                tracing::debug!(slot = %self.key, epoch, position = %st.durable.lsn, "became owner; recovering");
+            }
+            (Role::Owner { .. }, _) => {
+                failed = step_down(&mut st, new_role);
+                st.closing = true;
+                close = true;
+                tracing::debug!(slot = %self.key, "no longer owner");
+            }
+            _ => st.role = new_role,
+        }
+        // Keep the owner's view of its receivers in step with the map.
+        if let (Role::Owner { epoch, .. }, Some(r)) = (st.role, replicas) {
+            let receivers: Vec<(String, bool)> = r
+                .receivers()
+                .filter(|n| *n != me)
+                .map(|n| (n.to_string(), r.followers.iter().any(|f| f == n)))
+                .collect();
+            st.progress
+                .retain(|p| receivers.iter().any(|(n, _)| *n == p.node));
+            for (node, votes) in receivers {
+                match st.progress.iter_mut().find(|p| p.node == node) {
+                    Some(p) => p.votes = votes,
+                    None => {
+                        st.progress.push(Progress {
+                            node: node.clone(),
+                            votes,
+                            acked: Lsn::ZERO,
+                            stream: Stream::Probing,
+                            since: Instant::now(),
+                        });
+                        probes.push(node);
+                    }
+                }
+            }
+            if !matches!(old, Role::Owner { .. }) {
+                for p in st.progress.iter_mut() {
+                    p.stream = Stream::Probing;
+                    p.since = Instant::now();
+                    if !probes.contains(&p.node) {
+                        probes.push(p.node.clone());
+                    }
+                }
+            }
+            // Alone (standalone, or a one-node region): nothing to recover from.
+            if st.progress.is_empty()
+                && st.applied >= st.durable.lsn
+                && let Role::Owner {
+                    phase: Phase::Recovering,
+                    ..
+                } = st.role
+            {
+                st.role = Role::Owner {
+                    epoch,
+                    phase: Phase::Serving,
+                };
+            }
+        }
+        let epoch = match st.role {
+            Role::Owner { epoch, .. } => epoch,
+            _ => 0,
+        };
+        drop(st);
+        fail_all(failed, &self.key);
+        if close {
+            cl.close_local_objects(self.clone());
+        }
+        for node in probes {
+            cl.links.send(
+                &node,
+                Frame::Probe {
+                    slot: self.key.clone(),
+                    epoch,
+                },
+            );
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Local owner objects of the slot are closed: the files belong to the follower path now.
+    pub fn closed_local_objects(&self) {
+        self.lock().closing = false;
+        self.changed.notify_waiters();
+    }
+
+    /// Planned hand-off to `to`: stop taking writes, wait until everything is on a quorum and
+    /// `to` holds it all, then fence this node at `epoch`. The control plane then publishes `to`.
+    pub async fn handoff(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        to: &str,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<SlotPos, ApiError> {
+        {
+            let mut st = self.lock();
+            match st.role {
+                Role::Owner { epoch: mine, phase } if mine < epoch && phase != Phase::Failed => {
+                    if !st.progress.iter().any(|p| p.node == to && p.votes) {
+                        return Err(ApiError::new(
+                            409,
+                            "not_a_follower",
+                            format!("{to} is not a voting member of slot {}", self.key),
+                        ));
+                    }
+                    st.role = Role::Owner {
+                        epoch: mine,
+                        phase: Phase::Draining,
+                    };
+                }
+                _ => {
+                    return Err(ApiError::new(
+                        409,
+                        "not_owner",
+                        format!(
+                            "this node does not own slot {} below epoch {epoch}",
+                            self.key
+                        ),
+                    ));
+                }
+            }
+        }
+        self.changed.notify_waiters();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (done, target_caught_up) = {
+                let st = self.lock();
+                let caught = st
+                    .progress
+                    .iter()
+                    .any(|p| p.node == to && p.acked >= st.appended.lsn);
+                (st.pending.is_empty(), caught)
+            };
+            if done && target_caught_up {
+                break;
+            }
+            if Instant::now() > deadline {
+                // Resume serving: nothing changed hands.
+                let mut st = self.lock();
+                if let Role::Owner {
+                    epoch: mine,
+                    phase: Phase::Draining,
+                } = st.role
+                {
+                    st.role = Role::Owner {
+                        epoch: mine,
+                        phase: Phase::Serving,
+                    };
+                }
+                drop(st);
+                self.changed.notify_waiters();
+                return Err(ApiError::unavailable(
+                    "handoff_timeout",
+                    format!("{to} did not catch up within {timeout:?}; the slot keeps its owner"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.fence(cl, epoch)
+    }
+
+    pub fn report(&self) -> SlotReport {
+        let st = self.lock();
+        let (role, phase, epoch) = match st.role {
+            Role::None => ("none", None, 0),
+            Role::Follower { epoch } => ("follower", None, epoch),
+            Role::Owner { epoch, phase } => ("owner", Some(phase), epoch),
+        };
+        SlotReport {
+            colo: self.key.colo.to_string(),
+            slot: self.key.slot,
+            role,
+            phase,
+            epoch,
+            fenced: st.fenced,
+            durable: st.durable.lsn,
+            appended: st.appended.lsn,
+            applied: st.applied,
+            pending: st.pending.len(),
+            followers: st
+                .progress
+                .iter()
+                .map(|p| FollowerReport {
+                    node: p.node.clone(),
+                    votes: p.votes,
+                    acked: p.acked,
+                    stream: p.stream,
+                })
+                .collect(),
+        }
+    }
+
+    /// Follower: a snapshot sync finished at `position`; entries continue from there.
+    pub fn reset_position(&self, position: SlotPos, floors: HashMap<ObjectKey, Lsn>) {
+        let mut st = self.lock();
+        st.appended = position;
+        st.durable = position;
+        st.applied = position.lsn;
+        st.ring.clear();
+        st.ring_bytes = 0;
+        st.ring_base = position;
+        st.floors = floors;
+        st.generation += 1;
+    }
+
+    pub fn set_syncing(&self, syncing: bool) {
+        self.lock().syncing = syncing;
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+}
+
+fn push_ring(st: &mut SlotState, frame: Frame, pos: SlotPos) {
+    let bytes = match &frame {
+        Frame::Append { entry, .. } => entry.len(),
+        _ => 0,
+    };
+    st.ring.push_back(RingEntry { frame, pos, bytes });
+    st.ring_bytes += bytes;
+    while st.ring.len() > RING_ENTRIES || st.ring_bytes > RING_BYTES {
+        match st.ring.pop_front() {
+            Some(old) => {
+                st.ring_bytes -= old.bytes;
+                st.ring_base = old.pos;
+            }
+            None => break,
+        }
+    }
+}
+
+/// Index of the first ring entry after `pos`, if `pos` is in the ring's history.
+fn ring_index_after(st: &SlotState, pos: SlotPos) -> Option<usize> {
+    if pos == st.ring_base {
+        return Some(0);
+    }
+    st.ring.iter().position(|r| r.pos == pos).map(|i| i + 1)
+}
+
+fn ring_has(st: &SlotState, pos: SlotPos) -> bool {
+    st.ring.iter().any(|r| r.pos == pos) || pos == st.ring_base
+}
+
+/// Whether a recovering owner has a write quorum of voters at its position.
+fn recovered(st: &SlotState) -> bool {
+    let voters = st.replicas.as_ref().map_or(1, SlotReplicas::len);
+    let needed = effective_write_quorum(st.configured_quorum, voters);
+    let holders = 1 + st
+        .progress
+        .iter()
+        .filter(|p| p.votes && p.acked >= st.durable.lsn && p.stream == Stream::Streaming)
+        .count();
+    holders >= needed && st.appended == st.durable && st.applied >= st.durable.lsn
+}
+
+/// Pops every pending entry (in order) that a quorum holds, while the lease is valid.
+fn take_released(st: &mut SlotState, cl: &Cluster) -> Vec<(Done, Result<u64, ApiError>)> {
+    let mut out = Vec::new();
+    if !cl.lease.valid() {
+        return out;
+    }
+    // The owner's own copy is always one of the votes: its objects' checkpoints rely on it.
+    while let Some(front) = st.pending.front() {
+        let Some(log_lsn) = front.log_lsn else { break };
+        let votes = 1 + st
+            .progress
+            .iter()
+            .filter(|p| p.votes && p.acked >= front.pos.lsn)
+            .count();
+        if votes < front.needed {
+            break;
+        }
+        if let Some(mut p) = st.pending.pop_front()
+            && let Some(done) = p.done.take()
+        {
+            out.push((done, Ok(log_lsn)));
+        }
+    }
+    out
+}
+
+/// Leaves the owner role: the waiting entries' outcome is unknown to this node now.
+fn step_down(st: &mut SlotState, role: Role) -> Vec<Done> {
+    st.role = role;
+    st.progress.clear();
+    st.pending
+        .drain(..)
+        .filter_map(|mut p| p.done.take())
+        .collect()
+}
+
+fn fail_all(failed: Vec<Done>, key: &SlotKey) {
+    for d in failed {
+        d(Err(ApiError::unavailable(
+            "indeterminate",
+            format!(
+                "ownership of slot {key} moved before this write reached a quorum; it may or may not have been applied"
+            ),
+        )));
+    }
+}

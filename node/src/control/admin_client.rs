@@ -1,0 +1,116 @@
+//! The control plane's client for the node admin API (`/v1/admin/slots/...`, see
+//! docs/control-plane.md), behind a trait so control logic can be tested without nodes.
+
+use crate::cluster::peer_client::PeerClient;
+use crate::lsn::Lsn;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Durable {
+    pub durable: Lsn,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotStatus {
+    pub role: String,
+    pub epoch: u64,
+    pub durable: Lsn,
+    #[serde(default)]
+    pub placement_version: u64,
+}
+
+pub trait NodeAdmin: Send + Sync {
+    /// Fences the slot at `epoch` on the node at `address`; its last durable position.
+    fn fence<'a>(
+        &'a self,
+        address: &'a str,
+        colo: &'a str,
+        slot: u32,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<Lsn, String>>;
+    /// Asks the owner at `address` to hand the slot to `to` at `epoch`.
+    fn handoff<'a>(
+        &'a self,
+        address: &'a str,
+        colo: &'a str,
+        slot: u32,
+        to: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<Lsn, String>>;
+    fn status<'a>(
+        &'a self,
+        address: &'a str,
+        colo: &'a str,
+        slot: u32,
+    ) -> BoxFuture<'a, Result<SlotStatus, String>>;
+}
+
+pub struct HttpNodeAdmin {
+    client: PeerClient,
+    timeout: Duration,
+}
+
+impl HttpNodeAdmin {
+    pub fn new(client: PeerClient, timeout: Duration) -> Self {
+        HttpNodeAdmin { client, timeout }
+    }
+}
+
+impl NodeAdmin for HttpNodeAdmin {
+    fn fence<'a>(
+        &'a self,
+        address: &'a str,
+        colo: &'a str,
+        slot: u32,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<Lsn, String>> {
+        Box::pin(async move {
+            let url = format!("http://{address}/v1/admin/slots/{colo}/{slot}/fence");
+            let d: Durable = self
+                .client
+                .post_json(&url, &json!({"epoch": epoch}), self.timeout)
+                .await?;
+            Ok(d.durable)
+        })
+    }
+
+    fn handoff<'a>(
+        &'a self,
+        address: &'a str,
+        colo: &'a str,
+        slot: u32,
+        to: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<Lsn, String>> {
+        Box::pin(async move {
+            let url = format!("http://{address}/v1/admin/slots/{colo}/{slot}/handoff");
+            // The owner waits up to 8 s for the target to catch up.
+            let d: Durable = self
+                .client
+                .post_json(
+                    &url,
+                    &json!({"to": to, "epoch": epoch}),
+                    self.timeout + Duration::from_secs(10),
+                )
+                .await?;
+            Ok(d.durable)
+        })
+    }
+
+    fn status<'a>(
+        &'a self,
+        address: &'a str,
+        colo: &'a str,
+        slot: u32,
+    ) -> BoxFuture<'a, Result<SlotStatus, String>> {
+        Box::pin(async move {
+            let url = format!("http://{address}/v1/admin/slots/{colo}/{slot}");
+            self.client.get_json(&url, self.timeout).await
+        })
+    }
+}

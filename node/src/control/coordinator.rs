@@ -1,0 +1,490 @@
+//! The local control plane: keeps the nodes' heartbeats, places slots, fails over the slots of a
+//! node whose heartbeat lapsed, and hands slots back to their home colo once it is healthy again.
+//! `colony-node dev` runs it next to the nodes; the tests run it as its own process. On
+//! Kubernetes the operator does the same job with the same pure functions.
+//!
+//! Replica sets stay as placed: a node that goes away stays a member of its slots (it rejoins and
+//! catches up when it returns). Permanent membership changes are the operator's business
+//! (`placement::plan_membership`).
+
+use super::admin_client::NodeAdmin;
+use crate::lsn::Lsn;
+use crate::placement::{
+    AssignInput, ColoSlots, FollowerReport, NodeInfo, PlacementMap, SlotReplicas, assign_slots,
+    choose_failover,
+};
+use futures::StreamExt;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub region: String,
+    pub lease: Duration,
+    pub slot_count: u32,
+    pub replicas: usize,
+    pub write_quorum: usize,
+    /// Wait for this many nodes before the first placement (or 30 s).
+    pub expect_nodes: usize,
+    /// Where the placement map is kept across restarts of the coordinator.
+    pub state_file: Option<PathBuf>,
+}
+
+struct Seen {
+    info: NodeInfo,
+    last: Instant,
+    /// Healthy without interruption since.
+    since: Instant,
+}
+
+struct State {
+    nodes: BTreeMap<String, Seen>,
+    map: PlacementMap,
+    started: Instant,
+    blocked: HashSet<(String, u32)>,
+}
+
+pub struct Coordinator {
+    pub cfg: CoordinatorConfig,
+    state: Mutex<State>,
+    pub changed: tokio::sync::Notify,
+    admin: Arc<dyn NodeAdmin>,
+    failovers: std::sync::atomic::AtomicU64,
+    handoffs: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub colo: String,
+    pub address: String,
+    pub healthy: bool,
+    pub last_heartbeat_ms_ago: u64,
+    pub slots_owned: usize,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub region: String,
+    pub placement_version: u64,
+    pub lease_ms: u64,
+    pub nodes: Vec<NodeStatus>,
+    pub failovers: u64,
+    pub handoffs: u64,
+}
+
+impl Coordinator {
+    pub fn new(cfg: CoordinatorConfig, admin: Arc<dyn NodeAdmin>) -> Arc<Self> {
+        let map = cfg
+            .state_file
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<PlacementMap>(&b).ok())
+            .unwrap_or_else(|| PlacementMap {
+                region: cfg.region.clone(),
+                version: 0,
+                slot_count: cfg.slot_count,
+                replicas: cfg.replicas,
+                nodes: BTreeMap::new(),
+                colos: BTreeMap::new(),
+            });
+        Arc::new(Coordinator {
+            cfg,
+            state: Mutex::new(State {
+                nodes: BTreeMap::new(),
+                map,
+                started: Instant::now(),
+                blocked: HashSet::new(),
+            }),
+            changed: tokio::sync::Notify::new(),
+            admin,
+            failovers: 0.into(),
+            handoffs: 0.into(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A node renewed its lease; returns the current placement version.
+    pub fn heartbeat(&self, node: NodeInfo) -> u64 {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let lease = self.cfg.lease;
+        let seen = st.nodes.entry(node.name.clone()).or_insert(Seen {
+            info: node.clone(),
+            last: now,
+            since: now,
+        });
+        if now.duration_since(seen.last) >= lease {
+            seen.since = now;
+        }
+        seen.last = now;
+        seen.info = node;
+        st.map.version
+    }
+
+    pub fn placement(&self) -> PlacementMap {
+        self.lock().map.clone()
+    }
+
+    pub fn status(&self) -> Status {
+        let st = self.lock();
+        let now = Instant::now();
+        Status {
+            region: self.cfg.region.clone(),
+            placement_version: st.map.version,
+            lease_ms: self.cfg.lease.as_millis() as u64,
+            nodes: st
+                .nodes
+                .values()
+                .map(|s| NodeStatus {
+                    name: s.info.name.clone(),
+                    colo: s.info.colo.clone(),
+                    address: s.info.address.clone(),
+                    healthy: now.duration_since(s.last) < self.cfg.lease,
+                    last_heartbeat_ms_ago: now.duration_since(s.last).as_millis() as u64,
+                    slots_owned: st.map.owned_by(&s.info.name),
+                })
+                .collect(),
+            failovers: self.failovers.load(std::sync::atomic::Ordering::Relaxed),
+            handoffs: self.handoffs.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    fn healthy(&self, st: &State) -> Vec<NodeInfo> {
+        let now = Instant::now();
+        st.nodes
+            .values()
+            .filter(|s| now.duration_since(s.last) < self.cfg.lease)
+            .map(|s| s.info.clone())
+            .collect()
+    }
+
+    fn publish(&self, st: &mut State, mut map: PlacementMap) {
+        map.version = st.map.version + 1;
+        if let Some(path) = &self.cfg.state_file
+            && let Ok(bytes) = serde_json::to_vec(&map)
+        {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .is_err()
+            {
+                tracing::warn!(path = %path.display(), "cannot save the placement map");
+            }
+        }
+        tracing::info!(version = map.version, "placement published");
+        st.map = map;
+        self.changed.notify_waiters();
+    }
+
+    /// One pass of the control loop.
+    pub async fn pass(&self) {
+        let (healthy, map, started) = {
+            let st = self.lock();
+            (self.healthy(&st), st.map.clone(), st.started)
+        };
+        if map.version == 0 || map.colos.is_empty() {
+            let ready = healthy.len() >= self.cfg.expect_nodes.max(1)
+                || (!healthy.is_empty() && started.elapsed() > Duration::from_secs(30));
+            if ready {
+                self.place_initially(&healthy);
+            }
+            return;
+        }
+        self.refresh_addresses(&healthy);
+        if self.fail_over(&healthy, &map).await {
+            return;
+        }
+        self.hand_back(&healthy, &map).await;
+    }
+
+    fn place_initially(&self, healthy: &[NodeInfo]) {
+        let mut colos: Vec<&str> = healthy.iter().map(|n| n.colo.as_str()).collect();
+        colos.sort();
+        colos.dedup();
+        let mut placed = BTreeMap::new();
+        for colo in colos {
+            match assign_slots(&AssignInput {
+                colo,
+                slot_count: self.cfg.slot_count,
+                replicas: self.cfg.replicas,
+                nodes: healthy,
+                previous: None,
+            }) {
+                Ok(a) => {
+                    if a.under_replicated {
+                        tracing::warn!(
+                            nodes = healthy.len(),
+                            replicas = self.cfg.replicas,
+                            "fewer nodes than replicas: every node holds a copy of every slot"
+                        );
+                    }
+                    placed.insert(colo.to_string(), a.slots);
+                }
+                Err(e) => tracing::error!(colo, error = %e, "cannot place slots"),
+            }
+        }
+        let map = PlacementMap {
+            region: self.cfg.region.clone(),
+            version: 0,
+            slot_count: self.cfg.slot_count,
+            replicas: self.cfg.replicas,
+            nodes: healthy
+                .iter()
+                .map(|n| (n.name.clone(), n.clone()))
+                .collect(),
+            colos: placed,
+        };
+        let mut st = self.lock();
+        self.publish(&mut st, map);
+    }
+
+    /// Known nodes that changed address (restarted elsewhere) are republished.
+    fn refresh_addresses(&self, healthy: &[NodeInfo]) {
+        let mut st = self.lock();
+        let mut map = st.map.clone();
+        let mut changed = false;
+        for n in healthy {
+            match map.nodes.get(&n.name) {
+                Some(known) if known.address == n.address => {}
+                Some(_) => {
+                    map.nodes.insert(n.name.clone(), n.clone());
+                    changed = true;
+                }
+                // A node that joins later serves nothing until the operator (or a restart of
+                // `dev`) places it; it is listed so others can reach it.
+                None => {
+                    map.nodes.insert(n.name.clone(), n.clone());
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.publish(&mut st, map);
+        }
+    }
+
+    /// Moves every slot whose owner's heartbeat lapsed to its most advanced follower. True if
+    /// any slot failed over (the map was republished).
+    async fn fail_over(&self, healthy: &[NodeInfo], map: &PlacementMap) -> bool {
+        let alive: HashSet<&str> = healthy.iter().map(|n| n.name.as_str()).collect();
+        let failing: Vec<(String, u32, SlotReplicas)> = map
+            .colos
+            .iter()
+            .flat_map(|(colo, slots)| {
+                slots
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| !alive.contains(r.owner.as_str()))
+                    .map(move |(i, r)| (colo.clone(), i as u32, r.clone()))
+            })
+            .collect();
+        if failing.is_empty() {
+            return false;
+        }
+        let started = Instant::now();
+        let quorum = self.cfg.write_quorum;
+        let results: Vec<(String, u32, Option<SlotReplicas>)> = futures::stream::iter(failing)
+            .map(|(colo, slot, replicas)| {
+                let nodes = &map.nodes;
+                let alive = &alive;
+                async move {
+                    let epoch = replicas.epoch + 1;
+                    let asked: Vec<String> = replicas
+                        .followers
+                        .iter()
+                        .chain(&replicas.leaving)
+                        .filter(|n| alive.contains(n.as_str()))
+                        .cloned()
+                        .collect();
+                    let answers = futures::future::join_all(asked.iter().map(|n| {
+                        let address = nodes.get(n).map(|i| i.address.clone()).unwrap_or_default();
+                        let colo = colo.clone();
+                        async move {
+                            let durable: Option<Lsn> =
+                                self.admin.fence(&address, &colo, slot, epoch).await.ok();
+                            FollowerReport {
+                                node: n.clone(),
+                                durable,
+                            }
+                        }
+                    }))
+                    .await;
+                    let chosen = match choose_failover(&replicas, &answers, quorum) {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            let mut st = self.lock();
+                            if st.blocked.insert((colo.clone(), slot)) {
+                                tracing::warn!(colo, slot, error = %e, "failover blocked");
+                            }
+                            None
+                        }
+                    };
+                    (colo, slot, chosen)
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let mut st = self.lock();
+        let mut next = st.map.clone();
+        let mut moved = 0;
+        for (colo, slot, chosen) in results {
+            let Some(chosen) = chosen else { continue };
+            if let Some(s) = next
+                .colos
+                .get_mut(&colo)
+                .and_then(|c| c.slots.get_mut(slot as usize))
+            {
+                st.blocked.remove(&(colo.clone(), slot));
+                *s = chosen;
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            self.failovers
+                .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                slots = moved,
+                took_ms = started.elapsed().as_millis() as u64,
+                "failed over"
+            );
+            self.publish(&mut st, next);
+            return true;
+        }
+        false
+    }
+
+    /// Restores locality and balance after failovers: where the balanced placement of the settled
+    /// nodes (healthy for a while) names another owner — a home-colo node again, or a node that
+    /// returned — the slot moves there by planned hand-off, without losing writes. Placement keeps
+    /// current owners where it can, so only the slots that failed over (or their share) move.
+    async fn hand_back(&self, healthy: &[NodeInfo], map: &PlacementMap) {
+        let settled: Vec<NodeInfo> = {
+            let st = self.lock();
+            healthy
+                .iter()
+                .filter(|n| {
+                    st.nodes
+                        .get(&n.name)
+                        .is_some_and(|s| s.since.elapsed() > Duration::from_secs(2))
+                })
+                .cloned()
+                .collect()
+        };
+        let mut moves = Vec::new();
+        for (colo, slots) in &map.colos {
+            if !settled.iter().any(|n| n.colo == *colo) {
+                continue;
+            }
+            let Ok(target) = assign_slots(&AssignInput {
+                colo,
+                slot_count: map.slot_count,
+                replicas: map.replicas,
+                nodes: &settled,
+                previous: Some(slots),
+            }) else {
+                continue;
+            };
+            for (i, (cur, tgt)) in slots.slots.iter().zip(&target.slots.slots).enumerate() {
+                let owner_ok = settled.iter().any(|n| n.name == cur.owner);
+                if owner_ok && tgt.owner != cur.owner && cur.followers.contains(&tgt.owner) {
+                    moves.push((colo.clone(), i as u32, cur.clone(), tgt.owner.clone()));
+                }
+            }
+        }
+        if moves.is_empty() {
+            return;
+        }
+        let done: Vec<(String, u32, SlotReplicas)> =
+            futures::stream::iter(moves.into_iter().take(64))
+                .map(|(colo, slot, cur, to)| async move {
+                    let address = map
+                        .nodes
+                        .get(&cur.owner)
+                        .map(|n| n.address.clone())
+                        .unwrap_or_default();
+                    let epoch = cur.epoch + 1;
+                    match self.admin.handoff(&address, &colo, slot, &to, epoch).await {
+                        Ok(_) => Some((colo, slot, handed_to(&cur, &to))),
+                        Err(e) => {
+                            tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
+                            None
+                        }
+                    }
+                })
+                .buffer_unordered(16)
+                .filter_map(|x| async { x })
+                .collect()
+                .await;
+        if done.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        let mut next = st.map.clone();
+        for (colo, slot, r) in &done {
+            if let Some(s) = next
+                .colos
+                .get_mut(colo)
+                .and_then(|c: &mut ColoSlots| c.slots.get_mut(*slot as usize))
+            {
+                *s = r.clone();
+            }
+        }
+        self.handoffs
+            .fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(slots = done.len(), "handed slots back to their home colo");
+        self.publish(&mut st, next);
+    }
+
+    pub async fn admin_handoff(
+        &self,
+        address: &str,
+        colo: &str,
+        slot: u32,
+        to: &str,
+        epoch: u64,
+    ) -> Result<Lsn, String> {
+        self.admin.handoff(address, colo, slot, to, epoch).await
+    }
+
+    /// Publishes a new replica set for one slot.
+    pub fn replace_slot(&self, colo: &str, slot: u32, replicas: SlotReplicas) {
+        let mut st = self.lock();
+        let mut next = st.map.clone();
+        if let Some(s) = next
+            .colos
+            .get_mut(colo)
+            .and_then(|c| c.slots.get_mut(slot as usize))
+        {
+            *s = replicas;
+            self.handoffs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.publish(&mut st, next);
+        }
+    }
+
+    /// Runs the control loop forever.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.pass().await;
+        }
+    }
+}
+
+/// The replica set after a planned hand-off to `to` (a follower): epoch bumped, roles swapped.
+pub fn handed_to(cur: &SlotReplicas, to: &str) -> SlotReplicas {
+    crate::placement::promote(cur, to)
+}

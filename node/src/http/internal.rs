@@ -1,0 +1,145 @@
+//! `/v1/internal`: node-to-node traffic — the replication stream (an upgraded connection), slot
+//! manifests and object snapshots for snapshot syncs.
+
+use super::{AppState, json_ok};
+use crate::cluster::Cluster;
+use crate::cluster::links::UPGRADE_PROTOCOL;
+use crate::cluster::sync::{self, SNAPSHOT_LSN_HEADER};
+use crate::cluster::wire::Frame;
+use crate::error::ApiError;
+use crate::storage::record::{Entry, ObjectKey, SlotKey};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET /v1/internal/replicate` with `Upgrade: colony-replication`: the owner's side opens it; this
+/// node answers as a follower for every slot the owner streams.
+pub async fn replicate(State(node): State<AppState>, req: Request) -> Response {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTOCOL));
+    if !wants {
+        return ApiError::bad_request(
+            "upgrade_required",
+            format!("this endpoint speaks {UPGRADE_PROTOCOL} over an upgraded connection"),
+        )
+        .into_response();
+    }
+    let cluster = node.cluster.clone();
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => serve_stream(cluster, TokioIo::new(upgraded)).await,
+            Err(e) => tracing::warn!(error = %e, "replication upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    resp
+}
+
+async fn serve_stream<S>(cl: Arc<Cluster>, io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Frame>();
+    let writer_task = tokio::spawn(async move {
+        let mut out = BytesMut::new();
+        while let Some(f) = rx.recv().await {
+            f.encode(&mut out);
+            while out.len() < (1 << 20) {
+                match rx.try_recv() {
+                    Ok(f) => f.encode(&mut out),
+                    Err(_) => break,
+                }
+            }
+            if writer.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    });
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut from: Option<String> = None;
+    'read: loop {
+        loop {
+            match Frame::decode(&mut buf) {
+                Ok(Some(frame)) => match frame {
+                    Frame::Hello { node } => from = Some(node),
+                    Frame::Append { entry, kind } => {
+                        let Ok(entry) = Entry::from_bytes(kind, entry.to_vec()) else {
+                            tracing::warn!(from = ?from, "malformed entry; dropping the connection");
+                            break 'read;
+                        };
+                        let slot = cl.slot(&entry.slot());
+                        slot.on_append(&cl, entry, &tx);
+                    }
+                    Frame::Probe { slot, .. } => {
+                        let _ = tx.send(cl.slot(&slot).status_frame());
+                    }
+                    Frame::SyncRequired { slot, .. } => cl.start_sync(slot),
+                    other => tracing::debug!(?other, "unexpected frame from an owner"),
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(from = ?from, error = %e, "bad replication frame; dropping the connection");
+                    cl.metrics_corrupt_frame();
+                    break 'read;
+                }
+            }
+        }
+        match reader.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    drop(tx);
+    writer_task.abort();
+}
+
+/// `GET /v1/internal/slots/{colo}/{slot}/manifest` (owner): position, then objects.
+pub async fn manifest(
+    State(node): State<AppState>,
+    Path((colo, slot)): Path<(String, u32)>,
+) -> Result<Response, ApiError> {
+    let cl = node.cluster.clone();
+    let key = SlotKey::new(&colo, slot);
+    let m = tokio::task::spawn_blocking(move || sync::manifest(&cl, &key))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(json_ok(&m))
+}
+
+/// `GET /v1/internal/objects/{ns}/{id}/snapshot` (owner): the database bytes, with the slot
+/// position they reflect in a header.
+pub async fn snapshot(
+    State(node): State<AppState>,
+    Path((ns, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "not an object ID"))?;
+    let (bytes, lsn) = node.cluster.snapshot(ObjectKey::new(ns.into(), id)).await?;
+    let mut resp = Response::new(Body::from(bytes));
+    resp.headers_mut().insert(
+        SNAPSHOT_LSN_HEADER,
+        HeaderValue::from_str(&lsn.to_string()).map_err(|e| ApiError::internal(e.to_string()))?,
+    );
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/vnd.sqlite3"),
+    );
+    Ok(resp)
+}
