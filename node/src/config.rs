@@ -305,6 +305,11 @@ pub struct NodeConfig {
     /// once and kept under `dataDir/keys` (local development).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys_dir: Option<PathBuf>,
+    /// File holding a token (as mounted from a Secret): when set, `/v1/admin` and `/v1/internal`
+    /// answer only requests with `Authorization: Bearer <token>`, and this node sends it to its
+    /// peers. Env: `COLONY_ADMIN_TOKEN_FILE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     pub namespaces: Vec<NamespaceConfig>,
     #[serde(default)]
     pub storage: StorageConfig,
@@ -332,6 +337,7 @@ impl NodeConfig {
             advertise_address: None,
             data_dir,
             keys_dir: None,
+            admin_token_file: None,
             namespaces: vec![NamespaceConfig::named("default")],
             storage: StorageConfig::default(),
             cluster: None,
@@ -384,6 +390,9 @@ impl NodeConfig {
         if let Some(v) = get("COLONY_KEYS_DIR") {
             self.keys_dir = Some(PathBuf::from(v));
         }
+        if let Some(v) = get("COLONY_ADMIN_TOKEN_FILE") {
+            self.admin_token_file = Some(PathBuf::from(v));
+        }
         if let Some(v) = get("COLONY_CONTROL") {
             match self.cluster.as_mut() {
                 Some(c) => c.control = v,
@@ -413,7 +422,9 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.namespaces.is_empty() {
+        // A cluster node may start before any namespace exists (it waits for one); a standalone
+        // node without a namespace could serve nothing.
+        if self.namespaces.is_empty() && self.cluster.is_none() {
             return bad("at least one namespace must be configured".into());
         }
         let mut seen = std::collections::BTreeSet::new();

@@ -50,7 +50,7 @@ impl Links {
     }
 }
 
-async fn connect(addr: &str, source: Option<IpAddr>, me: &str) -> std::io::Result<TcpStream> {
+async fn connect(addr: &str, source: Option<IpAddr>, me: &str, token: Option<&str>) -> std::io::Result<TcpStream> {
     let target: SocketAddr = tokio::net::lookup_host(addr)
         .await?
         .next()
@@ -67,8 +67,9 @@ async fn connect(addr: &str, source: Option<IpAddr>, me: &str) -> std::io::Resul
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
-        "GET {REPLICATE_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_PROTOCOL}\r\nX-Colony-Node: {me}\r\n\r\n"
+        "GET {REPLICATE_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_PROTOCOL}\r\nX-Colony-Node: {me}\r\n{auth}\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     // Read the response head byte by byte: frames may follow it in the same packet.
@@ -105,7 +106,7 @@ async fn run_link(cluster: Weak<Cluster>, node: String, mut rx: UnboundedReceive
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let stream = match connect(&addr, cl.source_address, &cl.me).await {
+        let stream = match connect(&addr, cl.source_address, &cl.me, cl.peers.token()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(node, error = %e, "replication link down");

@@ -7,6 +7,7 @@
 pub mod applier;
 pub mod control;
 pub mod journal;
+pub mod kubernetes;
 pub mod lease;
 pub mod links;
 pub mod peer_client;
@@ -53,6 +54,7 @@ pub enum Route {
 }
 
 pub struct Cluster {
+    pub admin_token: Option<String>,
     pub me: String,
     pub colo: String,
     pub region: String,
@@ -80,6 +82,8 @@ pub struct Cluster {
 }
 
 pub struct ClusterSetup {
+    /// Required on this node's admin and internal APIs, and sent to peers'.
+    pub admin_token: Option<String>,
     pub me: String,
     pub colo: String,
     pub region: String,
@@ -178,7 +182,8 @@ impl Cluster {
             journal: setup.journal,
             links: Links::default(),
             applier: setup.applier,
-            peers: PeerClient::new(setup.source_address),
+            peers: PeerClient::with_token(setup.source_address, setup.admin_token.as_deref()),
+            admin_token: setup.admin_token,
             metrics: setup.metrics,
             namespaces: setup.namespaces,
             placement: RwLock::new(Arc::new(placement)),

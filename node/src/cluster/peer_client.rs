@@ -15,6 +15,8 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct PeerClient {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// Sent as `Authorization: Bearer` on every request (peers' admin and internal APIs).
+    token: Option<std::sync::Arc<str>>,
 }
 
 /// An answer: status, headers, body.
@@ -26,6 +28,10 @@ pub struct PeerResponse {
 
 impl PeerClient {
     pub fn new(source: Option<IpAddr>) -> Self {
+        Self::with_token(source, None)
+    }
+
+    pub fn with_token(source: Option<IpAddr>, token: Option<&str>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_local_address(source);
@@ -34,7 +40,10 @@ impl PeerClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
             .build(connector);
-        PeerClient { client }
+        PeerClient {
+            client,
+            token: token.map(std::sync::Arc::from),
+        }
     }
 
     /// Sends a request; errors (connection, timeout) are strings naming what failed.
@@ -49,6 +58,9 @@ impl PeerClient {
         let mut builder = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
+        }
+        if let Some(t) = &self.token {
+            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let req = builder
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -89,6 +101,10 @@ impl PeerClient {
             .send(Method::POST, url, &[], bytes.into(), timeout)
             .await?;
         json_of(url, resp)
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     pub async fn get_json<T: serde::de::DeserializeOwned>(

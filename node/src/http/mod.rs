@@ -187,7 +187,36 @@ async fn track(State(node): State<AppState>, req: Request, next: Next) -> Respon
     resp
 }
 
+/// With an admin token configured, `/v1/admin` and `/v1/internal` answer only requests that carry
+/// it (`Authorization: Bearer <token>`), compared in constant time.
+async fn require_token(State(node): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &node.cluster.admin_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == token.len()
+            && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if !same {
+            return ApiError::new(401, "unauthorized", "this API needs the cluster's admin token").into_response();
+        }
+    }
+    next.run(req).await
+}
+
 pub fn router(node: AppState) -> Router {
+    // Node-to-node and control-plane routes: token-protected when a token is configured.
+    let cluster_api = Router::new()
+        .route("/v1/admin/status", get(admin::status))
+        .route("/v1/admin/slots/{colo}/{slot}", get(admin::slot_report))
+        .route("/v1/admin/slots/{colo}/{slot}/fence", post(admin::fence))
+        .route("/v1/admin/slots/{colo}/{slot}/handoff", post(admin::handoff))
+        .route("/v1/internal/replicate", get(internal::replicate))
+        .route("/v1/internal/slots/{colo}/{slot}/manifest", get(internal::manifest))
+        .route("/v1/internal/objects/{ns}/{id}/snapshot", get(internal::snapshot))
+        .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
     let api = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -195,22 +224,7 @@ pub fn router(node: AppState) -> Router {
         .route("/v1/ns/{ns}/ids", post(ids::create))
         .route("/v1/ns/{ns}/ids/{id}", get(ids::validate))
         .route("/v1/ns/{ns}/objects", get(objects::list_objects))
-        .route("/v1/admin/status", get(admin::status))
-        .route("/v1/admin/slots/{colo}/{slot}", get(admin::slot_report))
-        .route("/v1/admin/slots/{colo}/{slot}/fence", post(admin::fence))
-        .route(
-            "/v1/admin/slots/{colo}/{slot}/handoff",
-            post(admin::handoff),
-        )
-        .route("/v1/internal/replicate", get(internal::replicate))
-        .route(
-            "/v1/internal/slots/{colo}/{slot}/manifest",
-            get(internal::manifest),
-        )
-        .route(
-            "/v1/internal/objects/{ns}/{id}/snapshot",
-            get(internal::snapshot),
-        )
+        .merge(cluster_api)
         .merge(objects::routes("/v1/ns/{ns}/objects/{id}"))
         .merge(objects::routes("/v1/ns/{ns}/names/{name}"))
         .route_layer(middleware::from_fn_with_state(node.clone(), track))
