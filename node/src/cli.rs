@@ -76,6 +76,12 @@ pub enum Command {
         /// Wait for this many nodes before placing slots (at most 30 s).
         #[arg(long, default_value_t = 1)]
         expect_nodes: usize,
+        /// Local address for connections to the nodes (tests tell parties apart by address).
+        #[arg(long)]
+        source_address: Option<std::net::IpAddr>,
+        /// File with the nodes' admin token, sent on admin calls.
+        #[arg(long, env = "COLONY_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
     },
 }
 
@@ -110,6 +116,7 @@ pub fn config_for(command: &Command) -> Result<NodeConfig, crate::config::Config
 
 async fn run_control(
     listen: SocketAddr,
+    client: crate::cluster::peer_client::PeerClient,
     cfg: crate::control::coordinator::CoordinatorConfig,
 ) -> i32 {
     use crate::control::admin_client::HttpNodeAdmin;
@@ -121,7 +128,7 @@ async fn run_control(
         return 1;
     }
     let admin = std::sync::Arc::new(HttpNodeAdmin::new(
-        crate::cluster::peer_client::PeerClient::new(None),
+        client,
         std::time::Duration::from_secs(2),
     ));
     let coordinator = Coordinator::new(cfg, admin);
@@ -224,13 +231,30 @@ pub async fn run(cli: Cli) -> i32 {
             replicas,
             write_quorum,
             expect_nodes,
+            source_address,
+            admin_token_file,
         } => {
             if let Err(e) = check_lease(lease) {
                 eprintln!("colony-node: {e}");
                 return 2;
             }
+            let token = match admin_token_file
+                .as_ref()
+                .map(std::fs::read_to_string)
+                .transpose()
+            {
+                Ok(t) => t.map(|t| t.trim().to_string()),
+                Err(e) => {
+                    eprintln!("colony-node: cannot read the admin token: {e}");
+                    return 2;
+                }
+            };
             return run_control(
                 *listen,
+                crate::cluster::peer_client::PeerClient::with_token(
+                    *source_address,
+                    token.as_deref(),
+                ),
                 crate::control::coordinator::CoordinatorConfig {
                     region: region.clone(),
                     lease: lease.0,

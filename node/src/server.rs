@@ -232,12 +232,17 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         .map_err(storage_err(&objects_dir))?;
     let admin_token = match &config.admin_token_file {
         Some(path) => {
-            let t = fs::read_to_string(path).map_err(storage_err(path))?.trim().to_string();
+            let t = fs::read_to_string(path)
+                .map_err(storage_err(path))?
+                .trim()
+                .to_string();
             if t.len() < 16 {
-                return Err(StartError::Config(crate::config::ConfigError::Invalid(format!(
-                    "the admin token in {} is shorter than 16 characters",
-                    path.display()
-                ))));
+                return Err(StartError::Config(crate::config::ConfigError::Invalid(
+                    format!(
+                        "the admin token in {} is shorter than 16 characters",
+                        path.display()
+                    ),
+                )));
             }
             Some(t)
         }

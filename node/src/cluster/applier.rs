@@ -99,11 +99,17 @@ impl Worker {
                     floor,
                 }) => {
                     let lsn = entry.lsn();
-                    if floor.is_none_or(|f| lsn > f)
-                        && let Err(e) = self.apply(&entry, log_lsn)
-                    {
-                        // The entry is durable in the log; recovery applies it at the next start.
-                        tracing::error!(slot = %slot.key, error = %e, "cannot apply an entry to its database file");
+                    if floor.is_none_or(|f| lsn > f) {
+                        // The entry is durable in the log, but the file must hold it before the
+                        // slot counts it as applied (a promotion waits for that): retry until the
+                        // disk takes it — later entries wait in line.
+                        let mut backoff = Duration::from_millis(50);
+                        while let Err(e) = self.apply(&entry, log_lsn) {
+                            tracing::error!(slot = %slot.key, error = %e, "cannot apply an entry to its database file; retrying");
+                            self.files.clear();
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
                     }
                     slot.note_applied(lsn);
                 }

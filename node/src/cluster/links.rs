@@ -50,7 +50,12 @@ impl Links {
     }
 }
 
-async fn connect(addr: &str, source: Option<IpAddr>, me: &str, token: Option<&str>) -> std::io::Result<TcpStream> {
+async fn connect(
+    addr: &str,
+    source: Option<IpAddr>,
+    me: &str,
+    token: Option<&str>,
+) -> std::io::Result<TcpStream> {
     let target: SocketAddr = tokio::net::lookup_host(addr)
         .await?
         .next()

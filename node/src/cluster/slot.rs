@@ -194,6 +194,14 @@ impl Slot {
         self.lock().role
     }
 
+    /// The epoch this node owns the slot in, if it does.
+    pub fn owner_epoch(&self) -> Option<u64> {
+        match self.lock().role {
+            Role::Owner { epoch, .. } => Some(epoch),
+            _ => None,
+        }
+    }
+
     pub fn durable(&self) -> SlotPos {
         self.lock().durable
     }
@@ -361,7 +369,7 @@ impl Slot {
                 epoch,
                 phase: Phase::Serving,
             };
-            tracing::debug!(slot = %self.key, epoch, "serving");
+            tracing::info!(slot = %self.key, epoch, durable = %st.durable.lsn, applied = %st.applied, "serving");
         }
         let reprobe: Vec<String> = st
             .progress
@@ -398,7 +406,7 @@ impl Slot {
 
     /// A follower reports its position (answer to a probe, a gap, a fence...).
     pub fn on_status(
-        &self,
+        self: &Arc<Self>,
         cl: &Arc<Cluster>,
         node: &str,
         fenced: u64,
@@ -415,6 +423,7 @@ impl Slot {
             let failed = step_down(&mut st, Role::None);
             drop(st);
             fail_all(failed, &self.key);
+            cl.close_local_objects(self.clone());
             self.changed.notify_waiters();
             return;
         }
@@ -644,8 +653,8 @@ impl Slot {
 
     /// Promises to refuse entries of epochs below `epoch` (durably, before answering) and
     /// reports the last durable position. An owner fenced at a newer epoch steps down.
-    pub fn fence(&self, cl: &Arc<Cluster>, epoch: u64) -> Result<SlotPos, ApiError> {
-        let (pos, failed) = {
+    pub fn fence(self: &Arc<Self>, cl: &Arc<Cluster>, epoch: u64) -> Result<SlotPos, ApiError> {
+        let (pos, failed, stepped_down) = {
             let mut st = self.lock();
             if epoch > st.fenced {
                 cl.journal
@@ -655,13 +664,18 @@ impl Slot {
                     })?;
                 st.fenced = epoch;
             }
-            let failed = match st.role {
-                Role::Owner { epoch: mine, .. } if mine < epoch => step_down(&mut st, Role::None),
-                _ => Vec::new(),
+            let (failed, stepped_down) = match st.role {
+                Role::Owner { epoch: mine, .. } if mine < epoch => {
+                    (step_down(&mut st, Role::None), true)
+                }
+                _ => (Vec::new(), false),
             };
-            (st.durable, failed)
+            (st.durable, failed, stepped_down)
         };
         fail_all(failed, &self.key);
+        if stepped_down {
+            cl.close_local_objects(self.clone());
+        }
         self.changed.notify_waiters();
         Ok(pos)
     }
@@ -699,13 +713,13 @@ impl Slot {
                 failed = step_down(&mut st, new_role);
                 st.fenced = st.fenced.max(epoch);
                 st.closing = false;
-                tracing::debug!(slot = %self.key, epoch, position = %st.durable.lsn, "became owner; recovering");
+                tracing::info!(slot = %self.key, epoch, durable = %st.durable.lsn, applied = %st.applied, "became owner; recovering");
             }
             (Role::Owner { .. }, _) => {
                 failed = step_down(&mut st, new_role);
                 st.closing = true;
                 close = true;
-                tracing::debug!(slot = %self.key, "no longer owner");
+                tracing::info!(slot = %self.key, durable = %st.durable.lsn, "no longer owner");
             }
             _ => st.role = new_role,
         }
@@ -980,8 +994,13 @@ fn take_released(st: &mut SlotState, cl: &Cluster) -> Vec<(Done, Result<u64, Api
     out
 }
 
-/// Leaves the owner role: the waiting entries' outcome is unknown to this node now.
+/// Leaves the owner role: the waiting entries' outcome is unknown to this node now. Unless it
+/// becomes owner again at once, its open copies must close before followed entries may be
+/// written into the same files (callers then call `Cluster::close_local_objects`).
 fn step_down(st: &mut SlotState, role: Role) -> Vec<Done> {
+    if !matches!(role, Role::Owner { .. }) {
+        st.closing = true;
+    }
     st.role = role;
     st.progress.clear();
     st.pending

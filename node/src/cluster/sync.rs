@@ -86,10 +86,18 @@ pub fn manifest(cl: &Arc<Cluster>, slot: &SlotKey) -> Result<Manifest, ApiError>
     let s = cl.slot(slot);
     let pos = {
         let st = s.lock();
-        if !matches!(st.role, super::slot::Role::Owner { .. }) {
+        // Only a serving owner: while recovering, its applier may not have written every
+        // object's file yet, and a follower deletes what the manifest does not list.
+        if !matches!(
+            st.role,
+            super::slot::Role::Owner {
+                phase: super::slot::Phase::Serving,
+                ..
+            }
+        ) {
             return Err(ApiError::unavailable(
                 "not_owner",
-                format!("this node does not own slot {slot}"),
+                format!("this node does not serve slot {slot} right now"),
             ));
         }
         st.appended

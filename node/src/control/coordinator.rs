@@ -15,7 +15,7 @@ use crate::placement::{
 };
 use futures::StreamExt;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -45,6 +45,12 @@ struct State {
     map: PlacementMap,
     started: Instant,
     blocked: HashSet<(String, u32)>,
+    /// Slots whose followers were fenced at a newer epoch than the map shows (a failover that
+    /// could not finish). The owner's entries are refused there now, so the epoch must be
+    /// published, whoever ends up owning it.
+    fenced: HashMap<(String, u32), u64>,
+    /// Slots moved by an explicit hand-off: balancing leaves their owner alone until it fails.
+    pinned: HashSet<(String, u32)>,
 }
 
 pub struct Coordinator {
@@ -100,6 +106,8 @@ impl Coordinator {
                 map,
                 started: Instant::now(),
                 blocked: HashSet::new(),
+                fenced: HashMap::new(),
+                pinned: HashSet::new(),
             }),
             changed: tokio::sync::Notify::new(),
             admin,
@@ -203,6 +211,9 @@ impl Coordinator {
         if self.fail_over(&healthy, &map).await {
             return;
         }
+        if self.finish_fenced_epochs(&healthy) {
+            return;
+        }
         self.hand_back(&healthy, &map).await;
     }
 
@@ -299,6 +310,7 @@ impl Coordinator {
                 let alive = &alive;
                 async move {
                     let epoch = replicas.epoch + 1;
+                    self.lock().fenced.insert((colo.clone(), slot), epoch);
                     let asked: Vec<String> = replicas
                         .followers
                         .iter()
@@ -346,6 +358,8 @@ impl Coordinator {
                 .and_then(|c| c.slots.get_mut(slot as usize))
             {
                 st.blocked.remove(&(colo.clone(), slot));
+                st.fenced.remove(&(colo.clone(), slot));
+                st.pinned.remove(&(colo.clone(), slot));
                 *s = chosen;
                 moved += 1;
             }
@@ -364,14 +378,54 @@ impl Coordinator {
         false
     }
 
+    /// Publishes the epochs that followers were fenced at by failovers that could not finish, once
+    /// the owner is healthy again (it keeps the slot; it recovers at the new epoch). True if the
+    /// map was republished.
+    fn finish_fenced_epochs(&self, healthy: &[NodeInfo]) -> bool {
+        let alive: HashSet<&str> = healthy.iter().map(|n| n.name.as_str()).collect();
+        let mut st = self.lock();
+        if st.fenced.is_empty() {
+            return false;
+        }
+        let mut next = st.map.clone();
+        let mut settled = Vec::new();
+        for ((colo, slot), epoch) in st.fenced.iter() {
+            if let Some(s) = next
+                .colos
+                .get_mut(colo)
+                .and_then(|c| c.slots.get_mut(*slot as usize))
+            {
+                if s.epoch >= *epoch {
+                    settled.push((colo.clone(), *slot));
+                } else if alive.contains(s.owner.as_str()) {
+                    s.epoch = *epoch;
+                    settled.push((colo.clone(), *slot));
+                }
+            }
+        }
+        for k in &settled {
+            st.fenced.remove(k);
+            st.blocked.remove(k);
+        }
+        if next == st.map {
+            return false;
+        }
+        tracing::info!(
+            slots = settled.len(),
+            "republished slots at the epoch their followers were fenced at"
+        );
+        self.publish(&mut st, next);
+        true
+    }
+
     /// Restores locality and balance after failovers: where the balanced placement of the settled
     /// nodes (healthy for a while) names another owner — a home-colo node again, or a node that
     /// returned — the slot moves there by planned hand-off, without losing writes. Placement keeps
     /// current owners where it can, so only the slots that failed over (or their share) move.
     async fn hand_back(&self, healthy: &[NodeInfo], map: &PlacementMap) {
-        let settled: Vec<NodeInfo> = {
+        let (settled, pinned) = {
             let st = self.lock();
-            healthy
+            let settled = healthy
                 .iter()
                 .filter(|n| {
                     st.nodes
@@ -379,7 +433,8 @@ impl Coordinator {
                         .is_some_and(|s| s.since.elapsed() > Duration::from_secs(2))
                 })
                 .cloned()
-                .collect()
+                .collect::<Vec<NodeInfo>>();
+            (settled, st.pinned.clone())
         };
         let mut moves = Vec::new();
         for (colo, slots) in &map.colos {
@@ -397,7 +452,12 @@ impl Coordinator {
             };
             for (i, (cur, tgt)) in slots.slots.iter().zip(&target.slots.slots).enumerate() {
                 let owner_ok = settled.iter().any(|n| n.name == cur.owner);
-                if owner_ok && tgt.owner != cur.owner && cur.followers.contains(&tgt.owner) {
+                let is_pinned = pinned.contains(&(colo.clone(), i as u32));
+                if owner_ok
+                    && !is_pinned
+                    && tgt.owner != cur.owner
+                    && cur.followers.contains(&tgt.owner)
+                {
                     moves.push((colo.clone(), i as u32, cur.clone(), tgt.owner.clone()));
                 }
             }
@@ -417,6 +477,9 @@ impl Coordinator {
                     match self.admin.handoff(&address, &colo, slot, &to, epoch).await {
                         Ok(_) => Some((colo, slot, handed_to(&cur, &to))),
                         Err(e) => {
+                            // The owner may have fenced itself at `epoch` even though its answer
+                            // did not arrive: that epoch must be published either way.
+                            self.note_fencing(&colo, slot, epoch);
                             tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
                             None
                         }
@@ -439,6 +502,7 @@ impl Coordinator {
             {
                 *s = r.clone();
             }
+            st.fenced.remove(&(colo.clone(), *slot));
         }
         self.handoffs
             .fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -457,9 +521,11 @@ impl Coordinator {
         self.admin.handoff(address, colo, slot, to, epoch).await
     }
 
-    /// Publishes a new replica set for one slot.
+    /// Publishes a new replica set for one slot, chosen by an explicit hand-off: balancing leaves
+    /// it alone until its owner fails.
     pub fn replace_slot(&self, colo: &str, slot: u32, replicas: SlotReplicas) {
         let mut st = self.lock();
+        st.pinned.insert((colo.to_string(), slot));
         let mut next = st.map.clone();
         if let Some(s) = next
             .colos
@@ -467,10 +533,16 @@ impl Coordinator {
             .and_then(|c| c.slots.get_mut(slot as usize))
         {
             *s = replicas;
+            st.fenced.remove(&(colo.to_string(), slot));
             self.handoffs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.publish(&mut st, next);
         }
+    }
+
+    /// Notes that the owner of a slot may fence itself at `epoch` (a hand-off under way).
+    pub fn note_fencing(&self, colo: &str, slot: u32, epoch: u64) {
+        self.lock().fenced.insert((colo.to_string(), slot), epoch);
     }
 
     /// Runs the control loop forever.

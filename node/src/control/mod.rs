@@ -137,9 +137,14 @@ impl Coordinator {
             .node(&cur.owner)
             .map(|n| n.address.clone())
             .ok_or_else(|| ApiError::internal("the owner has no address"))?;
-        self.admin_handoff(&address, colo, slot, to, cur.epoch + 1)
+        if let Err(e) = self
+            .admin_handoff(&address, colo, slot, to, cur.epoch + 1)
             .await
-            .map_err(|e| ApiError::unavailable("handoff_failed", e))?;
+        {
+            // The owner may have fenced itself even if its answer was lost.
+            self.note_fencing(colo, slot, cur.epoch + 1);
+            return Err(ApiError::unavailable("handoff_failed", e));
+        }
         let next = promote(&cur, to);
         self.replace_slot(colo, slot, next.clone());
         Ok(next)

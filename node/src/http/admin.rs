@@ -131,3 +131,26 @@ pub async fn status(State(node): State<AppState>) -> Response {
         "replicas": map.replicas,
     }))
 }
+
+/// `GET /v1/admin/locate/{ns}/{id}`: where an object lives — its slot and replica set.
+pub async fn locate(
+    State(node): State<AppState>,
+    Path((ns, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let ns = super::namespace(&node, &ns)?;
+    let id = ns
+        .keys
+        .verify(&id)
+        .map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
+    let key = node.cluster.slot_key_of(&id)?;
+    let map = node.cluster.placement();
+    let replicas = map.replicas_of(&key.colo, key.slot);
+    Ok(json_ok(&json!({
+        "colo": &*key.colo,
+        "slot": key.slot,
+        "epoch": replicas.map(|r| r.epoch),
+        "owner": replicas.map(|r| r.owner.clone()),
+        "followers": replicas.map(|r| r.followers.clone()),
+        "placementVersion": map.version,
+    })))
+}

@@ -198,9 +198,18 @@ async fn require_token(State(node): State<AppState>, req: Request, next: Next) -
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         let same = given.len() == token.len()
-            && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
         if !same {
-            return ApiError::new(401, "unauthorized", "this API needs the cluster's admin token").into_response();
+            return ApiError::new(
+                401,
+                "unauthorized",
+                "this API needs the cluster's admin token",
+            )
+            .into_response();
         }
     }
     next.run(req).await
@@ -210,12 +219,22 @@ pub fn router(node: AppState) -> Router {
     // Node-to-node and control-plane routes: token-protected when a token is configured.
     let cluster_api = Router::new()
         .route("/v1/admin/status", get(admin::status))
+        .route("/v1/admin/locate/{ns}/{id}", get(admin::locate))
         .route("/v1/admin/slots/{colo}/{slot}", get(admin::slot_report))
         .route("/v1/admin/slots/{colo}/{slot}/fence", post(admin::fence))
-        .route("/v1/admin/slots/{colo}/{slot}/handoff", post(admin::handoff))
+        .route(
+            "/v1/admin/slots/{colo}/{slot}/handoff",
+            post(admin::handoff),
+        )
         .route("/v1/internal/replicate", get(internal::replicate))
-        .route("/v1/internal/slots/{colo}/{slot}/manifest", get(internal::manifest))
-        .route("/v1/internal/objects/{ns}/{id}/snapshot", get(internal::snapshot))
+        .route(
+            "/v1/internal/slots/{colo}/{slot}/manifest",
+            get(internal::manifest),
+        )
+        .route(
+            "/v1/internal/objects/{ns}/{id}/snapshot",
+            get(internal::snapshot),
+        )
         .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
     let api = Router::new()
         .route("/healthz", get(healthz))

@@ -34,6 +34,9 @@ pub struct Actor {
     db: Option<ObjectDb>,
     /// Slot position of this object's newest entry (for checkpoint markers).
     last_lsn: Lsn,
+    /// The ownership epoch the database was opened under. A database open from an earlier
+    /// ownership must not serve: the files may have moved on through the follower path since.
+    opened_epoch: u64,
 }
 
 fn to_body(v: &impl serde::Serialize) -> Result<Vec<u8>, ApiError> {
@@ -74,7 +77,14 @@ impl Actor {
         env: &ObjectEnv,
         slot: &Slot,
     ) -> Result<&mut ObjectDb, ApiError> {
+        let epoch = slot.owner_epoch().unwrap_or(0);
+        if self.db.is_some() && self.opened_epoch != epoch {
+            tracing::warn!(object = %handle.key, opened = self.opened_epoch, now = epoch, "database open from an earlier ownership; rebuilding it from the log");
+            // Not a checkpoint: the WAL may predate entries written into the file since.
+            self.rebuild(handle, env);
+        }
         if self.db.is_none() {
+            self.opened_epoch = epoch;
             let path = env.db_path(&handle.key);
             let db = ObjectDb::open(
                 &path,
@@ -84,6 +94,7 @@ impl Actor {
             )?;
             env.metrics.objects.opens.inc();
             env.note_opened(handle);
+            tracing::debug!(object = %handle.key, slot = %slot.key, epoch, size = db.size_bytes(), "opened");
             self.db = Some(db);
         }
         match self.db.as_mut() {
@@ -241,7 +252,9 @@ impl Actor {
                 env.metrics.objects.checkpoints.inc();
                 // The marker may only be logged once the database file is durable; the sync runs
                 // off this thread so the object keeps serving meanwhile.
-                let (log, object, slot_lsn) = (env.log.clone(), handle.key.clone(), self.last_lsn);
+                // Only the log position: the object's newest slot position may belong to an entry
+                // that never became durable, and a skip by slot position could hide its successor.
+                let (log, object, slot_lsn) = (env.log.clone(), handle.key.clone(), Lsn::ZERO);
                 env.spawn_blocking(move || match file.sync_data() {
                     Ok(()) => log.append(Append {
                         kind: RecordKind::Checkpoint,
@@ -316,6 +329,14 @@ impl Actor {
     fn reset(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
         env.metrics.objects.resets.inc();
         let _ = handle.gate.wait_settled();
+        self.rebuild(handle, env);
+        handle.gate.clear_failure();
+        tracing::warn!(object = %handle.key, "object reset after a write did not reach a quorum");
+    }
+
+    /// Closes the database without checkpointing, discards its WAL, and replays the node log
+    /// into the file: afterwards the file holds exactly what the log holds durably.
+    fn rebuild(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
         if self.db.take().is_some() {
             env.note_closed(handle);
         }
@@ -331,10 +352,7 @@ impl Actor {
         });
         if let Err(e) = replayed {
             tracing::error!(object = %handle.key, error = %e, "cannot rebuild the object from the node log");
-            return;
         }
-        handle.gate.clear_failure();
-        tracing::warn!(object = %handle.key, "object reset after a write did not reach a quorum");
     }
 }
 

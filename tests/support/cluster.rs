@@ -1,0 +1,449 @@
+//! A Colony cluster on loopback for tests: a control-plane process and node processes, each on
+//! its own 127.0.0.x address and reachable by others only through the partitioning proxy.
+//!
+//! Parties: `control` (127.0.0.9), nodes `n0`, `n1`, ... (127.0.0.10 + i), and `client` (the
+//! test itself, from 127.0.0.1).
+
+use super::netproxy::{NetProxy, loopback_ip};
+use serde_json::{Value, json};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `colony-node` binary built next to the test executable (target/<profile>/colony-node;
+/// `cargo test --workspace` builds it because colony-node has integration tests).
+pub fn node_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join("colony-node");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p colony-node`, or run the whole workspace's tests)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port(ip: IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub const CONTROL: &str = "control";
+
+pub fn control_ip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9))
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: usize,
+    pub lease: Duration,
+    pub replicas: usize,
+    pub write_quorum: usize,
+    pub slots: u32,
+    /// Extra YAML for every node's `storage:` section.
+    pub storage_yaml: String,
+    /// Nodes whose data directory is a tmpfs of this many MiB (to fill their disk).
+    pub small_disk: Vec<(usize, u64)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 5,
+            lease: Duration::from_secs(2),
+            replicas: 5,
+            write_quorum: 3,
+            slots: 32,
+            storage_yaml: "logSegmentBytes: 1MiB".into(),
+            small_disk: Vec::new(),
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub ip: IpAddr,
+    /// Where the process listens.
+    pub listen: SocketAddr,
+    /// Where everybody else reaches it (its proxy).
+    pub address: SocketAddr,
+    pub data: PathBuf,
+    pub config: PathBuf,
+    pub child: Option<Child>,
+    pub paused: bool,
+    mounted: bool,
+}
+
+pub struct TestCluster {
+    pub proxy: NetProxy,
+    pub nodes: Vec<Node>,
+    pub control_url: String,
+    control: Child,
+    pub client: reqwest::Client,
+    pub opts: Options,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::env::var_os("COLONY_KEEP_TEST_DIR").is_some() {
+            eprintln!(
+                "keeping the cluster's files in {}",
+                self.dir.path().display()
+            );
+            let d = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            let _ = d.keep();
+        }
+        let _ = self.control.kill();
+        let _ = self.control.wait();
+        for n in &mut self.nodes {
+            if let Some(c) = n.child.as_mut() {
+                if n.paused {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            if n.mounted {
+                let _ = Command::new("umount").arg(&n.data).status();
+            }
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(8))
+        .pool_max_idle_per_host(16)
+        .build()
+        .expect("client")
+}
+
+impl TestCluster {
+    pub async fn start(opts: Options) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let proxy = NetProxy::new();
+        let bin = node_binary();
+        // Control plane.
+        let cip = control_ip();
+        proxy.add_party(CONTROL, cip);
+        let control_listen = SocketAddr::new(cip, free_port(cip));
+        let control_proxy = proxy
+            .forward(CONTROL, SocketAddr::new(cip, 0), control_listen)
+            .await
+            .expect("control proxy");
+        let control = Command::new(&bin)
+            .args([
+                "control",
+                "--listen",
+                &control_listen.to_string(),
+                "--region",
+                "test",
+            ])
+            .args(["--lease", &format!("{}ms", opts.lease.as_millis())])
+            .args(["--slots", &opts.slots.to_string()])
+            .args(["--replicas", &opts.replicas.to_string()])
+            .args(["--write-quorum", &opts.write_quorum.to_string()])
+            .args(["--expect-nodes", &opts.nodes.to_string()])
+            .args(["--source-address", &cip.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the control plane");
+        let control_url = format!("http://{control_proxy}");
+        // Shared ID keys.
+        let keys = dir.path().join("keys");
+        std::fs::create_dir_all(&keys).expect("keys dir");
+        std::fs::write(keys.join("default"), format!("{}\n", "7a".repeat(32))).expect("keys");
+        let mut nodes = Vec::new();
+        for i in 0..opts.nodes {
+            let name = format!("n{i}");
+            let ip = loopback_ip(i);
+            proxy.add_party(&name, ip);
+            let listen = SocketAddr::new(ip, free_port(ip));
+            let address = proxy
+                .forward(&name, SocketAddr::new(ip, 0), listen)
+                .await
+                .expect("node proxy");
+            let data = dir.path().join(&name);
+            std::fs::create_dir_all(&data).expect("data dir");
+            let mut mounted = false;
+            if let Some((_, mib)) = opts.small_disk.iter().find(|(n, _)| *n == i) {
+                let status = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                    .arg(&data)
+                    .status()
+                    .expect("run mount");
+                assert!(
+                    status.success(),
+                    "the disk-full test mounts a small tmpfs for node {name}'s data; mount failed ({status}) — it needs root (CAP_SYS_ADMIN)"
+                );
+                mounted = true;
+            }
+            let config = dir.path().join(format!("{name}.yaml"));
+            let yaml = format!(
+                "node: {{ name: {name}, colo: c{i}, region: test }}
+listen: {listen}
+advertiseAddress: {address}
+dataDir: {data}
+keysDir: {keys}
+namespaces:
+  - name: default
+    replication: {{ replicas: {replicas}, writeQuorum: {quorum} }}
+storage: {{ {storage} }}
+cluster:
+  control: {control_url}
+  leaseDuration: {lease}ms
+  sourceAddress: {ip}
+",
+                data = data.join("data").display(),
+                keys = keys.display(),
+                replicas = opts.replicas,
+                quorum = opts.write_quorum,
+                storage = opts.storage_yaml,
+                lease = opts.lease.as_millis(),
+            );
+            std::fs::write(&config, yaml).expect("write config");
+            nodes.push(Node {
+                name,
+                ip,
+                listen,
+                address,
+                data,
+                config,
+                child: None,
+                paused: false,
+                mounted,
+            });
+        }
+        let mut cluster = TestCluster {
+            proxy,
+            nodes,
+            control_url,
+            control,
+            client: client(),
+            opts,
+            dir,
+        };
+        for i in 0..cluster.nodes.len() {
+            cluster.start_node(i);
+        }
+        cluster.wait_ready(Duration::from_secs(60)).await;
+        cluster
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        assert!(n.child.is_none(), "{} is running", n.name);
+        // Each node logs to its own file in the test directory (kept with COLONY_KEEP_TEST_DIR=1).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", n.name)))
+            .expect("node log file");
+        let child = Command::new(node_binary())
+            .args(["serve", "--config"])
+            .arg(&n.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("COLONY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start a node");
+        n.child = Some(child);
+        n.paused = false;
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        if let Some(mut c) = n.child.take() {
+            if n.paused {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        n.paused = false;
+    }
+
+    fn signal(&mut self, i: usize, sig: i32) {
+        let n = &mut self.nodes[i];
+        let pid = n.child.as_ref().expect("running").id();
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(pid as i32, sig) };
+        assert_eq!(rc, 0, "signal {sig} to {}", n.name);
+        n.paused = sig == libc::SIGSTOP;
+    }
+
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{path}", self.nodes[i].address)
+    }
+
+    pub fn index_of(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("known node")
+    }
+
+    pub async fn control_status(&self) -> Value {
+        self.client
+            .get(format!("{}/v1/control/status", self.control_url))
+            .send()
+            .await
+            .expect("control status")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Waits until every running node is ready and serving the placement.
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut all = true;
+            for (i, n) in self.nodes.iter().enumerate() {
+                if n.child.is_none() || n.paused {
+                    continue;
+                }
+                let ok = match self.client.get(self.url(i, "/readyz")).send().await {
+                    Ok(r) => r.status().is_success(),
+                    Err(_) => false,
+                };
+                all &= ok;
+            }
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The ID of a named object.
+    pub async fn id_of(&self, name: &str) -> String {
+        for i in 0..self.nodes.len() {
+            if let Ok(r) = self
+                .client
+                .post(self.url(i, "/v1/ns/default/ids"))
+                .json(&json!({"name": name}))
+                .send()
+                .await
+                && let Ok(v) = r.json::<Value>().await
+                && let Some(id) = v["id"].as_str()
+            {
+                return id.to_string();
+            }
+        }
+        panic!("no node answered for the ID of {name}");
+    }
+
+    /// Where an object lives now (its owner's index), as the control plane publishes it.
+    pub async fn owner_of(&self, name: &str) -> usize {
+        let id = self.id_of(name).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for i in 0..self.nodes.len() {
+                if let Ok(r) = self
+                    .client
+                    .get(self.url(i, &format!("/v1/admin/locate/default/{id}")))
+                    .send()
+                    .await
+                    && let Ok(v) = r.json::<Value>().await
+                    && let Some(owner) = v["owner"].as_str()
+                {
+                    return self.index_of(owner);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nobody could say where {name} lives"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Followers of the slot of an object.
+    pub async fn followers_of(&self, name: &str) -> Vec<usize> {
+        let id = self.id_of(name).await;
+        for i in 0..self.nodes.len() {
+            if let Ok(r) = self
+                .client
+                .get(self.url(i, &format!("/v1/admin/locate/default/{id}")))
+                .send()
+                .await
+                && let Ok(v) = r.json::<Value>().await
+                && let Some(fs) = v["followers"].as_array()
+            {
+                return fs
+                    .iter()
+                    .filter_map(|f| f.as_str())
+                    .map(|f| self.index_of(f))
+                    .collect();
+            }
+        }
+        panic!("nobody could say who follows {name}");
+    }
+
+    /// Every `(node, colo, slot, epoch)` in which a node accepted writes as owner.
+    pub fn ownership(&self) -> Vec<(String, String, u32, u64)> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            let Ok(text) = std::fs::read_to_string(n.data.join("data").join("ownership.log"))
+            else {
+                continue;
+            };
+            for line in text.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if let [node, colo, slot, epoch] = f[..]
+                    && let (Ok(slot), Ok(epoch)) = (slot.parse(), epoch.parse())
+                {
+                    out.push((node.to_string(), colo.to_string(), slot, epoch));
+                }
+            }
+        }
+        out
+    }
+
+    /// Metric value from a node's /metrics (0 if absent).
+    pub async fn metric(&self, i: usize, name: &str) -> f64 {
+        let Ok(r) = self.client.get(self.url(i, "/metrics")).send().await else {
+            return 0.0;
+        };
+        let Ok(text) = r.text().await else { return 0.0 };
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
