@@ -3,6 +3,16 @@
 use crate::config::{HumanDuration, NamespaceConfig, NodeConfig};
 use crate::server;
 use clap::{Parser, Subcommand};
+
+/// Prints a line to stdout, ignoring a closed stdout: a node must not die because whoever started
+/// it stopped reading its output.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use say;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -139,7 +149,7 @@ async fn run_control(
             return 1;
         }
     };
-    println!("colony-node control plane listening on http://{listen}");
+    say!("colony-node control plane listening on http://{listen}");
     tokio::spawn(coordinator.clone().run());
     match axum::serve(listener, crate::control::router(coordinator))
         .with_graceful_shutdown(shutdown_signal())
@@ -288,7 +298,7 @@ pub async fn run(cli: Cli) -> i32 {
         .map_or_else(|_| node.config.listen.to_string(), |a| a.to_string());
     let mut names: Vec<&str> = node.namespaces.keys().map(String::as_str).collect();
     names.sort();
-    println!(
+    say!(
         "colony-node {} listening on http://{addr} (data in {}, namespaces: {})",
         node.config.node.name,
         node.config.data_dir.display(),

@@ -155,15 +155,18 @@ impl DevCluster {
                 lines.push(format!("  {name:<8} colo {colo}  http://{listen}"));
             }
         }
-        println!(
+        crate::cli::say!(
             "Colony dev cluster: {total} nodes in {} colos of region \"local\", replicas {} / write quorum {}, lease {:?}",
-            self.colos, self.replicas, self.write_quorum, self.lease
+            self.colos,
+            self.replicas,
+            self.write_quorum,
+            self.lease
         );
-        println!("  control  http://{control_addr}/v1/control/status");
+        crate::cli::say!("  control  http://{control_addr}/v1/control/status");
         for l in &lines {
-            println!("{l}");
+            crate::cli::say!("{l}");
         }
-        println!(
+        crate::cli::say!(
             "Any node accepts any request and forwards it to the object's owner. Ctrl-C stops the cluster."
         );
         tokio::pin!(shutdown);
