@@ -259,12 +259,17 @@ impl Default for StorageConfig {
     }
 }
 
+/// `cluster.control` value for nodes run by the Kubernetes operator: heartbeats are the node's
+/// own Lease, the placement map a ConfigMap (see docs/control-plane.md).
+pub const KUBERNETES_CONTROL: &str = "kubernetes";
+
 /// Membership of a cluster. Without it the node is standalone: it owns every slot of its colo.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// The control plane: the URL of a local coordinator (`http://127.0.0.1:9000`, what `dev`
-    /// and the tests run). Env: `COLONY_CONTROL`.
+    /// The control plane: `kubernetes` (the operator's Leases and placement ConfigMap), or the
+    /// URL of a local coordinator (`http://127.0.0.1:9000`, what `dev` and the tests run).
+    /// Env: `COLONY_CONTROL`.
     pub control: String,
     /// A node that has not renewed its heartbeat for this long loses its slots; it stops serving
     /// on its own somewhat before that. At least 2s.
@@ -480,9 +485,9 @@ impl NodeConfig {
                     c.lease_duration
                 ));
             }
-            if !c.control.starts_with("http://") {
+            if !c.control.starts_with("http://") && c.control != KUBERNETES_CONTROL {
                 return bad(format!(
-                    "cluster.control must be the URL of a control plane (http://host:port), not {:?}",
+                    "cluster.control must be `kubernetes` or the URL of a local control plane (http://host:port), not {:?}",
                     c.control
                 ));
             }

@@ -282,9 +282,22 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         .links
         .bind(&cluster, tokio::runtime::Handle::current());
     objects.spawn_housekeeping((*namespaces).clone(), Duration::from_millis(250));
-    let control: Option<Arc<dyn ControlPlane>> = config.cluster.as_ref().map(|c| {
-        Arc::new(HttpControlPlane::new(&c.control, cluster.peers.clone())) as Arc<dyn ControlPlane>
-    });
+    let control: Option<Arc<dyn ControlPlane>> = match config.cluster.as_ref() {
+        None => None,
+        Some(c) if c.control == crate::config::KUBERNETES_CONTROL => Some(
+            crate::cluster::kubernetes::connect(&config.node.region, c.lease_duration.0)
+                .await
+                .map_err(|e| {
+                    StartError::Config(crate::config::ConfigError::Invalid(format!(
+                        "cannot reach Kubernetes: {e}"
+                    )))
+                })?,
+        ),
+        Some(c) => Some(
+            Arc::new(HttpControlPlane::new(&c.control, cluster.peers.clone()))
+                as Arc<dyn ControlPlane>,
+        ),
+    };
     cluster.spawn_background(control);
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -468,6 +468,13 @@ impl Slot {
                             },
                         );
                         cl.metrics_sync_required();
+                        tracing::warn!(
+                            slot = %self.key,
+                            follower = node,
+                            at = %position.lsn,
+                            owner_at = %appended.lsn,
+                            "follower diverged or fell too far behind; repairing it with a snapshot sync"
+                        );
                     }
                 }
             }

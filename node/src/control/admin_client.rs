@@ -20,6 +20,9 @@ pub struct SlotStatus {
     pub role: String,
     pub epoch: u64,
     pub durable: Lsn,
+    /// The last entry handed to the node's log (owner: the newest entry of the slot).
+    #[serde(default)]
+    pub appended: Lsn,
     #[serde(default)]
     pub placement_version: u64,
 }
