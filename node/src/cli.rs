@@ -151,9 +151,12 @@ async fn run_control(
     };
     say!("colony-node control plane listening on http://{listen}");
     tokio::spawn(coordinator.clone().run());
-    match axum::serve(listener, crate::control::router(coordinator))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
+    match axum::serve(
+        crate::server::without_nagle(listener),
+        crate::control::router(coordinator),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
     {
         Ok(()) => 0,
         Err(e) => {

@@ -32,7 +32,7 @@ use crate::placement::{ColoSlots, NodeInfo, PlacementMap, SlotReplicas};
 use crate::storage::log::NodeLog;
 use crate::storage::record::{ObjectKey, SlotKey, SlotPos};
 use futures::future::BoxFuture;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -71,6 +71,9 @@ pub struct Cluster {
     pub namespaces: Arc<HashMap<String, Arc<Namespace>>>,
     placement: RwLock<Arc<PlacementMap>>,
     slots: RwLock<HashMap<SlotKey, Arc<Slot>>>,
+    /// The slots the placement map makes this node owner of: the background tick looks at these
+    /// often and at all slots only now and then.
+    owned: RwLock<Vec<Arc<Slot>>>,
     /// What the journal and recovery said about each slot when the node started.
     initial: Mutex<JournalState>,
     host: OnceLock<Weak<dyn SlotHost>>,
@@ -188,6 +191,7 @@ impl Cluster {
             namespaces: setup.namespaces,
             placement: RwLock::new(Arc::new(placement)),
             slots: RwLock::new(HashMap::new()),
+            owned: RwLock::new(Vec::new()),
             initial: Mutex::new(initial),
             host: OnceLock::new(),
             configured_quorum,
@@ -364,16 +368,23 @@ impl Cluster {
         if let Ok(mut p) = self.placement.write() {
             *p = map.clone();
         }
-        let mut touched: Vec<SlotKey> = Vec::new();
+        let mut touched: HashSet<SlotKey> = HashSet::new();
+        let mut owned = Vec::new();
         for (colo, slots) in &map.colos {
             for (i, r) in slots.slots.iter().enumerate() {
                 if r.has(&self.me) {
                     let key = SlotKey::new(colo, i as u32);
-                    self.slot(&key)
-                        .set_replicas(self, Some(r), self.configured_quorum);
-                    touched.push(key);
+                    let slot = self.slot(&key);
+                    slot.set_replicas(self, Some(r), self.configured_quorum);
+                    if r.owner == self.me {
+                        owned.push(slot);
+                    }
+                    touched.insert(key);
                 }
             }
+        }
+        if let Ok(mut o) = self.owned.write() {
+            *o = owned;
         }
         // Slots this node no longer takes part in.
         for slot in self.slots() {
@@ -522,12 +533,20 @@ impl Cluster {
             let mut saved = HashMap::new();
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             let mut last_save = Instant::now();
+            let mut last_sweep = Instant::now();
             loop {
                 tick.tick().await;
-                for slot in cl.slots() {
-                    if matches!(slot.role(), Role::Owner { .. }) {
-                        slot.poke(&cl);
-                    }
+                // Owners by the map every tick; every slot once a second, for roles that lag the
+                // map (and nodes without a control plane, which have no map).
+                let sweep = last_sweep.elapsed() >= Duration::from_secs(1);
+                let slots = if sweep {
+                    last_sweep = Instant::now();
+                    cl.slots()
+                } else {
+                    cl.owned.read().map(|o| o.clone()).unwrap_or_default()
+                };
+                for slot in slots {
+                    slot.poke(&cl);
                 }
                 if last_save.elapsed() > Duration::from_secs(2) {
                     last_save = Instant::now();

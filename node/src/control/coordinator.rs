@@ -42,7 +42,9 @@ struct Seen {
 
 struct State {
     nodes: BTreeMap<String, Seen>,
-    map: PlacementMap,
+    /// Shared: the control loop reads it ten times a second, and a copy of thousands of
+    /// replica sets each time was most of the control plane's CPU.
+    map: Arc<PlacementMap>,
     started: Instant,
     blocked: HashSet<(String, u32)>,
     /// Slots whose followers were fenced at a newer epoch than the map shows (a failover that
@@ -51,6 +53,9 @@ struct State {
     fenced: HashMap<(String, u32), u64>,
     /// Slots moved by an explicit hand-off: balancing leaves their owner alone until it fails.
     pinned: HashSet<(String, u32)>,
+    /// The inputs (map version, settled nodes, pinned slots) for which the last hand-back pass
+    /// found nothing to move: the same inputs need no new balancing computation.
+    balanced: Option<(u64, Vec<String>, usize)>,
 }
 
 pub struct Coordinator {
@@ -103,11 +108,12 @@ impl Coordinator {
             cfg,
             state: Mutex::new(State {
                 nodes: BTreeMap::new(),
-                map,
+                map: Arc::new(map),
                 started: Instant::now(),
                 blocked: HashSet::new(),
                 fenced: HashMap::new(),
                 pinned: HashSet::new(),
+                balanced: None,
             }),
             changed: tokio::sync::Notify::new(),
             admin,
@@ -139,7 +145,7 @@ impl Coordinator {
     }
 
     pub fn placement(&self) -> PlacementMap {
-        self.lock().map.clone()
+        (*self.lock().map).clone()
     }
 
     pub fn status(&self) -> Status {
@@ -189,7 +195,7 @@ impl Coordinator {
             }
         }
         tracing::info!(version = map.version, "placement published");
-        st.map = map;
+        st.map = Arc::new(map);
         self.changed.notify_waiters();
     }
 
@@ -261,7 +267,7 @@ impl Coordinator {
     /// Known nodes that changed address (restarted elsewhere) are republished.
     fn refresh_addresses(&self, healthy: &[NodeInfo]) {
         let mut st = self.lock();
-        let mut map = st.map.clone();
+        let mut map = (*st.map).clone();
         let mut changed = false;
         for n in healthy {
             match map.nodes.get(&n.name) {
@@ -348,7 +354,7 @@ impl Coordinator {
             .collect()
             .await;
         let mut st = self.lock();
-        let mut next = st.map.clone();
+        let mut next = (*st.map).clone();
         let mut moved = 0;
         for (colo, slot, chosen) in results {
             let Some(chosen) = chosen else { continue };
@@ -387,7 +393,7 @@ impl Coordinator {
         if st.fenced.is_empty() {
             return false;
         }
-        let mut next = st.map.clone();
+        let mut next = (*st.map).clone();
         let mut settled = Vec::new();
         for ((colo, slot), epoch) in st.fenced.iter() {
             if let Some(s) = next
@@ -407,7 +413,7 @@ impl Coordinator {
             st.fenced.remove(k);
             st.blocked.remove(k);
         }
-        if next == st.map {
+        if next == *st.map {
             return false;
         }
         tracing::info!(
@@ -436,6 +442,14 @@ impl Coordinator {
                 .collect::<Vec<NodeInfo>>();
             (settled, st.pinned.clone())
         };
+        let inputs = (
+            map.version,
+            settled.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
+            pinned.len(),
+        );
+        if self.lock().balanced.as_ref() == Some(&inputs) {
+            return;
+        }
         let mut moves = Vec::new();
         for (colo, slots) in &map.colos {
             if !settled.iter().any(|n| n.colo == *colo) {
@@ -463,6 +477,7 @@ impl Coordinator {
             }
         }
         if moves.is_empty() {
+            self.lock().balanced = Some(inputs);
             return;
         }
         let done: Vec<(String, u32, SlotReplicas)> =
@@ -493,7 +508,7 @@ impl Coordinator {
             return;
         }
         let mut st = self.lock();
-        let mut next = st.map.clone();
+        let mut next = (*st.map).clone();
         for (colo, slot, r) in &done {
             if let Some(s) = next
                 .colos
@@ -526,7 +541,7 @@ impl Coordinator {
     pub fn replace_slot(&self, colo: &str, slot: u32, replicas: SlotReplicas) {
         let mut st = self.lock();
         st.pinned.insert((colo.to_string(), slot));
-        let mut next = st.map.clone();
+        let mut next = (*st.map).clone();
         if let Some(s) = next
             .colos
             .get_mut(colo)

@@ -119,7 +119,7 @@ impl DevCluster {
             .map_err(|e| format!("cannot listen on {control_addr}: {e}"))?;
         let router = super::router(coordinator.clone());
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ = axum::serve(crate::server::without_nagle(listener), router).await;
         });
         tokio::spawn(coordinator.clone().run());
 
