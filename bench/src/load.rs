@@ -18,6 +18,10 @@ pub struct Target {
     pub method: Method,
     pub path: Arc<dyn Fn(usize, u64) -> String + Send + Sync>,
     pub body: Bytes,
+    /// Where in the body each request writes its own 16 hex digits (connection and iteration),
+    /// so repeated writes of a value really change it: SQLite skips writing a row whose new
+    /// content equals the old, so an unchanged value would commit nothing.
+    pub stamp_at: Option<usize>,
 }
 
 impl Target {
@@ -32,9 +36,32 @@ impl Target {
             method,
             path: Arc::new(path),
             body: Bytes::copy_from_slice(body.as_bytes()),
+            stamp_at: None,
+        }
+    }
+
+    /// Each request overwrites 16 bytes of the body at `offset` with a stamp of its own.
+    pub fn stamped(mut self, offset: usize) -> Self {
+        assert!(offset + STAMP_LEN <= self.body.len(), "stamp past the body");
+        self.stamp_at = Some(offset);
+        self
+    }
+
+    fn body_for(&self, connection: usize, iteration: u64) -> Bytes {
+        match self.stamp_at {
+            None => self.body.clone(),
+            Some(at) => {
+                let mut body = self.body.to_vec();
+                let stamp = format!("{:016x}", ((connection as u64) << 40) ^ iteration);
+                body[at..at + STAMP_LEN].copy_from_slice(stamp.as_bytes());
+                Bytes::from(body)
+            }
         }
     }
 }
+
+/// Bytes a stamp takes.
+pub const STAMP_LEN: usize = 16;
 
 #[derive(Clone)]
 pub struct Stats {
@@ -57,9 +84,9 @@ impl Stats {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> std::io::Result<Sender> {
+pub async fn connect(addr: SocketAddr) -> std::io::Result<Sender> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -71,14 +98,15 @@ async fn connect(addr: SocketAddr) -> std::io::Result<Sender> {
     Ok(sender)
 }
 
-/// Sends one request and reads the whole answer; the status code.
-pub async fn send(sender: &mut Sender, target: &Target, path: &str) -> Result<u16, String> {
+/// Sends one request (connection `c`'s `i`th) and reads the whole answer; the status code.
+pub async fn send(sender: &mut Sender, target: &Target, c: usize, i: u64) -> Result<u16, String> {
+    let path = (target.path)(c, i);
     let req = Request::builder()
         .method(target.method.clone())
         .uri(path)
         .header(hyper::header::HOST, target.addr.to_string())
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(target.body.clone()))
+        .body(Full::new(target.body_for(c, i)))
         .map_err(|e| e.to_string())?;
     sender.ready().await.map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
@@ -107,10 +135,10 @@ pub async fn run(target: &Target, connections: usize, duration: Duration) -> Sta
                 };
                 let mut i = 0u64;
                 while Instant::now() < deadline {
-                    let path = (target.path)(c, i);
-                    i += 1;
                     let t0 = Instant::now();
-                    match send(&mut sender, &target, &path).await {
+                    let sent = send(&mut sender, &target, c, i).await;
+                    i += 1;
+                    match sent {
                         Ok(200) => {
                             ok += 1;
                             let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
@@ -165,8 +193,7 @@ pub async fn drive(target: &Target, connections: usize, count: u64) -> u64 {
                     if i >= count {
                         return failed;
                     }
-                    let path = (target.path)(c, i);
-                    match send(&mut sender, &target, &path).await {
+                    match send(&mut sender, &target, c, i).await {
                         Ok(200) => {}
                         Ok(_) => failed += 1,
                         Err(_) => {

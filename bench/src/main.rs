@@ -3,6 +3,8 @@
 //!
 //! Run it through `scripts/bench`, which builds in release mode and installs the peers.
 
+mod cluster;
+mod etcd;
 mod load;
 mod single;
 mod systems;
@@ -48,6 +50,34 @@ enum Command {
         #[arg(long)]
         peer_rss_objects: Option<u64>,
     },
+    /// Replication: its cost (1 node vs 5 nodes at quorum 3), Colony against a 3-member etcd
+    /// cluster on the same write workloads, and failover time after kill -9 of an owner.
+    Cluster {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Measurements per workload and system; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// The colony-node binary (default: next to this one).
+        #[arg(long)]
+        node: Option<PathBuf>,
+        /// The etcd binary; without it the etcd comparison is skipped.
+        #[arg(long)]
+        etcd: Option<PathBuf>,
+        /// Owner kills per lease duration in the failover section.
+        #[arg(long, default_value_t = 10)]
+        failover_trials: usize,
+        /// Lease durations for the failover section (comma separated).
+        #[arg(long, value_delimiter = ',', default_value = "10s,2s", value_parser = humantime::parse_duration)]
+        leases: Vec<Duration>,
+        /// Sections to run (replication, etcd, failover; comma separated; default all).
+        #[arg(long, value_delimiter = ',')]
+        sections: Vec<String>,
+        /// Replication-cost workloads to run, by letter (a-h; comma separated; default all).
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<char>,
+    },
 }
 
 fn main() {
@@ -82,6 +112,25 @@ fn main() {
             workerd_config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workerd/config.capnp"),
             rss_objects: rss_objects.into_iter().filter(|&n| n > 0).collect(),
             peer_rss_objects,
+        })),
+        Command::Cluster {
+            duration,
+            runs,
+            node,
+            etcd,
+            failover_trials,
+            leases,
+            sections,
+            workloads,
+        } => runtime.block_on(cluster::run(cluster::Options {
+            duration: Duration::from_secs(duration),
+            runs: runs.max(1),
+            node: node.unwrap_or_else(|| systems::sibling_binary("colony-node")),
+            etcd,
+            failover_trials,
+            leases,
+            sections,
+            workloads,
         })),
     };
     if let Err(e) = result {

@@ -113,3 +113,125 @@ pub fn sibling_binary(name: &str) -> PathBuf {
         .and_then(|p| p.parent().map(|d| d.join(name)))
         .unwrap_or_else(|| PathBuf::from(name))
 }
+
+/// A local Colony cluster: `colony-node control` and `nodes` nodes on 127.0.0.1, one colo each
+/// (so replicas spread over colos, as in production), all killed when dropped.
+pub struct ColonyCluster {
+    pub nodes: Vec<Process>,
+    pub names: Vec<String>,
+    configs: Vec<PathBuf>,
+    binary: PathBuf,
+    /// Held only to be dropped after the nodes (fields drop in order), so they never outlive
+    /// it and complain.
+    _control: Process,
+}
+
+impl ColonyCluster {
+    pub fn start(
+        binary: &Path,
+        nodes: usize,
+        replicas: usize,
+        write_quorum: usize,
+        lease: Duration,
+    ) -> Result<ColonyCluster, String> {
+        let cdir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let cport = free_port().map_err(|e| e.to_string())?;
+        let caddr: SocketAddr = ([127, 0, 0, 1], cport).into();
+        let mut child = Command::new(binary)
+            .args([
+                "control",
+                "--listen",
+                &caddr.to_string(),
+                "--region",
+                "bench",
+            ])
+            .args(["--lease", &format!("{}ms", lease.as_millis())])
+            .args([
+                "--replicas",
+                &replicas.to_string(),
+                "--write-quorum",
+                &write_quorum.to_string(),
+            ])
+            .args(["--expect-nodes", &nodes.to_string()])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the control plane: {e}"))?;
+        wait_listening("colony-node control", &mut child, caddr)?;
+        let control = Process {
+            child,
+            addr: caddr,
+            _dir: cdir,
+        };
+        let keys = control._dir.path().join("keys");
+        std::fs::create_dir_all(&keys).map_err(|e| e.to_string())?;
+        std::fs::write(keys.join("default"), format!("{}\n", "5c".repeat(32)))
+            .map_err(|e| e.to_string())?;
+        let mut cluster = ColonyCluster {
+            nodes: Vec::new(),
+            names: Vec::new(),
+            configs: Vec::new(),
+            binary: binary.to_path_buf(),
+            _control: control,
+        };
+        for i in 0..nodes {
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let port = free_port().map_err(|e| e.to_string())?;
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let name = format!("n{i}");
+            let config = dir.path().join("node.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "node: {{name: {name}, colo: c{i}, region: bench}}\nlisten: {addr}\ndataDir: {}\nkeysDir: {}\n\
+                     namespaces: [{{name: default, replication: {{replicas: {replicas}, writeQuorum: {write_quorum}}}}}]\n\
+                     cluster: {{control: http://{caddr}, leaseDuration: {}ms}}\n",
+                    dir.path().join("data").display(),
+                    keys.display(),
+                    lease.as_millis()
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let child = cluster.spawn_node(&config, addr)?;
+            cluster.nodes.push(Process {
+                child,
+                addr,
+                _dir: dir,
+            });
+            cluster.names.push(name);
+            cluster.configs.push(config);
+        }
+        Ok(cluster)
+    }
+
+    fn spawn_node(&self, config: &Path, addr: SocketAddr) -> Result<Child, String> {
+        let mut child = Command::new(&self.binary)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start a node: {e}"))?;
+        wait_listening("colony-node", &mut child, addr)?;
+        Ok(child)
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.nodes[i].child.kill();
+        let _ = self.nodes[i].child.wait();
+    }
+
+    /// Starts node `i` again on its data.
+    pub fn restart(&mut self, i: usize) -> Result<(), String> {
+        let child = self.spawn_node(&self.configs[i].clone(), self.nodes[i].addr)?;
+        self.nodes[i].child = child;
+        Ok(())
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+}
