@@ -95,10 +95,10 @@ async fn dev_runs_a_local_cluster_where_any_node_serves_any_object() {
         }
     }
     // Writes through one node, reads through every other: requests are forwarded to owners.
-    for i in 0..6 {
+    for (i, address) in addresses.iter().enumerate() {
         let obj = format!("room-{i}");
         let r = client
-            .put(format!("{}/v1/ns/default/names/{obj}/kv/who", addresses[i]))
+            .put(format!("{address}/v1/ns/default/names/{obj}/kv/who"))
             .json(&json!(i))
             .send()
             .await
