@@ -323,6 +323,28 @@ cluster:
             .expect("json")
     }
 
+    /// Waits until the control plane reports the placement balanced again — every healthy node
+    /// settled, nothing left to hand back — with every node owning slots; returns the status.
+    pub async fn wait_balanced(&self, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.control_status().await;
+            let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+            let all_own = nodes.len() == self.nodes.len()
+                && nodes
+                    .iter()
+                    .all(|n| n["healthy"] == true && n["slotsOwned"].as_u64() > Some(0));
+            if status["balanced"] == true && all_own {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "placement not balanced within {within:?}: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until every running node is ready and serving the placement.
     pub async fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;

@@ -852,6 +852,9 @@ impl Slot {
             }
         }
         self.changed.notify_waiters();
+        // Whatever ends this hand-off short of the fence — the timeout below, a fence that cannot
+        // be journaled, or the caller giving up and dropping this future — the slot serves again.
+        let _resume = ResumeUnlessFenced(self);
         let deadline = Instant::now() + timeout;
         loop {
             let (done, target_caught_up) = {
@@ -866,20 +869,6 @@ impl Slot {
                 break;
             }
             if Instant::now() > deadline {
-                // Resume serving: nothing changed hands.
-                let mut st = self.lock();
-                if let Role::Owner {
-                    epoch: mine,
-                    phase: Phase::Draining,
-                } = st.role
-                {
-                    st.role = Role::Owner {
-                        epoch: mine,
-                        phase: Phase::Serving,
-                    };
-                }
-                drop(st);
-                self.changed.notify_waiters();
                 return Err(ApiError::unavailable(
                     "handoff_timeout",
                     format!("{to} did not catch up within {timeout:?}; the slot keeps its owner"),
@@ -888,6 +877,24 @@ impl Slot {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.fence(cl, epoch)
+    }
+
+    /// A draining owner whose hand-off did not fence it goes back to serving: nothing changed
+    /// hands. (After a fence the node is no longer owner, and this does nothing.)
+    fn resume_serving(&self) {
+        let mut st = self.lock();
+        if let Role::Owner {
+            epoch: mine,
+            phase: Phase::Draining,
+        } = st.role
+        {
+            st.role = Role::Owner {
+                epoch: mine,
+                phase: Phase::Serving,
+            };
+            drop(st);
+            self.changed.notify_waiters();
+        }
     }
 
     pub fn report(&self) -> SlotReport {
@@ -1034,5 +1041,14 @@ fn fail_all(failed: Vec<Done>, key: &SlotKey) {
                 "ownership of slot {key} moved before this write reached a quorum; it may or may not have been applied"
             ),
         )));
+    }
+}
+
+/// Drop guard of a hand-off: see [`Slot::resume_serving`].
+struct ResumeUnlessFenced<'a>(&'a Slot);
+
+impl Drop for ResumeUnlessFenced<'_> {
+    fn drop(&mut self) {
+        self.0.resume_serving();
     }
 }

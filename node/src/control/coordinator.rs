@@ -87,6 +87,9 @@ pub struct Status {
     pub nodes: Vec<NodeStatus>,
     pub failovers: u64,
     pub handoffs: u64,
+    /// Every healthy node has settled and the last hand-back pass over the current placement
+    /// found nothing to move: locality and balance are restored after the last failover.
+    pub balanced: bool,
 }
 
 impl Coordinator {
@@ -151,6 +154,17 @@ impl Coordinator {
     pub fn status(&self) -> Status {
         let st = self.lock();
         let now = Instant::now();
+        let healthy: Vec<&String> = st
+            .nodes
+            .values()
+            .filter(|s| now.duration_since(s.last) < self.cfg.lease)
+            .map(|s| &s.info.name)
+            .collect();
+        let balanced = st.balanced.as_ref().is_some_and(|(version, settled, _)| {
+            *version == st.map.version
+                && settled.len() == healthy.len()
+                && healthy.iter().all(|n| settled.contains(n))
+        });
         Status {
             region: self.cfg.region.clone(),
             placement_version: st.map.version,
@@ -169,6 +183,7 @@ impl Coordinator {
                 .collect(),
             failovers: self.failovers.load(std::sync::atomic::Ordering::Relaxed),
             handoffs: self.handoffs.load(std::sync::atomic::Ordering::Relaxed),
+            balanced,
         }
     }
 
@@ -480,30 +495,43 @@ impl Coordinator {
             self.lock().balanced = Some(inputs);
             return;
         }
-        let done: Vec<(String, u32, SlotReplicas)> =
-            futures::stream::iter(moves.into_iter().take(64))
-                .map(|(colo, slot, cur, to)| async move {
-                    let address = map
-                        .nodes
-                        .get(&cur.owner)
-                        .map(|n| n.address.clone())
-                        .unwrap_or_default();
-                    let epoch = cur.epoch + 1;
-                    match self.admin.handoff(&address, &colo, slot, &to, epoch).await {
-                        Ok(_) => Some((colo, slot, handed_to(&cur, &to))),
-                        Err(e) => {
-                            // The owner may have fenced itself at `epoch` even though its answer
-                            // did not arrive: that epoch must be published either way.
-                            self.note_fencing(&colo, slot, epoch);
-                            tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
-                            None
-                        }
+        // Hand-offs finished within the budget are published; the rest are abandoned (the owners
+        // go back to serving) and retried on a later pass. The budget keeps failovers, which
+        // wait for this pass, from waiting long behind a hand-off to a node that just died.
+        let budget = (self.cfg.lease / 2).max(Duration::from_secs(1));
+        let finished = Mutex::new(Vec::new());
+        let handoffs = futures::stream::iter(moves.into_iter().take(64))
+            .map(|(colo, slot, cur, to)| async move {
+                let address = map
+                    .nodes
+                    .get(&cur.owner)
+                    .map(|n| n.address.clone())
+                    .unwrap_or_default();
+                let epoch = cur.epoch + 1;
+                // Until the answer arrives the owner may have fenced itself at `epoch`: if it
+                // never does (error, or abandoned), that epoch must be published either way.
+                self.note_fencing(&colo, slot, epoch);
+                match self.admin.handoff(&address, &colo, slot, &to, epoch).await {
+                    Ok(_) => Some((colo, slot, handed_to(&cur, &to))),
+                    Err(e) => {
+                        tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
+                        None
                     }
-                })
-                .buffer_unordered(16)
-                .filter_map(|x| async { x })
-                .collect()
-                .await;
+                }
+            })
+            .buffer_unordered(16)
+            .filter_map(|x| async { x })
+            .for_each(|d| {
+                finished.lock().unwrap_or_else(|p| p.into_inner()).push(d);
+                async {}
+            });
+        if tokio::time::timeout(budget, handoffs).await.is_err() {
+            tracing::debug!(
+                ?budget,
+                "hand-back pass out of time; the rest waits for the next"
+            );
+        }
+        let done = finished.into_inner().unwrap_or_else(|p| p.into_inner());
         if done.is_empty() {
             return;
         }
@@ -574,4 +602,138 @@ impl Coordinator {
 /// The replica set after a planned hand-off to `to` (a follower): epoch bumped, roles swapped.
 pub fn handed_to(cur: &SlotReplicas, to: &str) -> SlotReplicas {
     crate::placement::promote(cur, to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::admin_client::SlotStatus;
+    use futures::future::BoxFuture;
+
+    /// Node admin API of well-behaved followers whose owners never finish a hand-off (as when
+    /// the hand-off's target dies mid-way and the owner waits for it).
+    struct HandoffsHang;
+
+    impl NodeAdmin for HandoffsHang {
+        fn fence<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+            epoch: u64,
+        ) -> BoxFuture<'a, Result<Lsn, String>> {
+            Box::pin(async move { Ok(Lsn::new(epoch - 1, 7)) })
+        }
+        fn handoff<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+            _: &'a str,
+            _: u64,
+        ) -> BoxFuture<'a, Result<Lsn, String>> {
+            Box::pin(futures::future::pending())
+        }
+        fn status<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+        ) -> BoxFuture<'a, Result<SlotStatus, String>> {
+            Box::pin(async { Err("not used".to_string()) })
+        }
+    }
+
+    fn node(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.to_string(),
+            colo: "x".to_string(),
+            address: format!("{name}:1"),
+        }
+    }
+
+    fn owned_by(c: &Coordinator, name: &str) -> usize {
+        c.status()
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map_or(0, |n| n.slots_owned)
+    }
+
+    /// Beats for `alive` every 100 ms until `done` holds or `within` passes; whether it held.
+    async fn beat_until(
+        c: &Coordinator,
+        alive: &[&str],
+        within: Duration,
+        done: impl Fn(&Coordinator) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            for n in alive {
+                c.heartbeat(node(n));
+            }
+            if done(c) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_back_that_never_finishes_does_not_hold_up_a_failover() {
+        let lease = Duration::from_secs(1);
+        let c = Coordinator::new(
+            CoordinatorConfig {
+                region: "r".to_string(),
+                lease,
+                slot_count: 12,
+                replicas: 3,
+                write_quorum: 2,
+                expect_nodes: 3,
+                state_file: None,
+            },
+            Arc::new(HandoffsHang),
+        );
+        tokio::spawn(c.clone().run());
+        let all = ["a", "b", "c"];
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(5), |c| all
+                .iter()
+                .all(|n| owned_by(c, n) > 0))
+            .await,
+            "initial placement: {:?}",
+            c.status()
+                .nodes
+                .iter()
+                .map(|n| n.slots_owned)
+                .collect::<Vec<_>>()
+        );
+        // c goes silent: its slots fail over to a and b.
+        assert!(
+            beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await,
+            "c's slots failed over"
+        );
+        // c returns; once it has settled the control loop starts handing slots back to it, and
+        // those hand-offs never finish.
+        assert!(
+            !beat_until(&c, &all, Duration::from_secs(3), |c| owned_by(c, "c") > 0).await,
+            "no hand-off finishes, so c owns nothing yet"
+        );
+        // Now b dies: its slots must fail over within about a lease plus the hand-back budget,
+        // not wait behind hand-offs that never end.
+        let died = Instant::now();
+        assert!(
+            beat_until(
+                &c,
+                &["a", "c"],
+                lease * 3 + Duration::from_secs(2),
+                |c| owned_by(c, "b") == 0
+            )
+            .await,
+            "b's slots did not fail over within {:?} while hand-backs hung",
+            died.elapsed()
+        );
+        assert!(c.status().failovers > 0);
+    }
 }
