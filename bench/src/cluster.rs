@@ -82,6 +82,25 @@ async fn wait_ready(c: &ColonyCluster) -> Result<(), String> {
     Ok(())
 }
 
+/// Waits until the control plane reports every node healthy and nothing left to hand back, so a
+/// failover trial starts from the balanced placement (not in the middle of a hand-back).
+async fn wait_balanced(c: &ColonyCluster) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = request_json(c.control_addr(), Method::GET, "/v1/control/status", "").await;
+        if let Ok((200, v)) = &status
+            && v["balanced"] == true
+            && v["nodes"].as_array().map(|n| n.len()) == Some(c.nodes.len())
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the placement never settled: {status:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The address of the node that owns a named object now.
 async fn owner_addr(c: &ColonyCluster, name: &str) -> Result<SocketAddr, String> {
     let any = c.nodes[0].addr;
@@ -499,6 +518,7 @@ async fn failover(opts: &Options) -> Result<(), String> {
         let mut times = Vec::new();
         for t in 0..opts.failover_trials {
             let name = format!("failover-{t}");
+            wait_balanced(&cluster).await?;
             let owner = owner_addr(&cluster, &name).await?;
             let victim = cluster
                 .nodes
@@ -532,8 +552,6 @@ async fn failover(opts: &Options) -> Result<(), String> {
             times.push(took.as_secs_f64());
             cluster.restart(victim)?;
             wait_ready(&cluster).await?;
-            // Let hand-back settle so every trial starts balanced.
-            tokio::time::sleep(Duration::from_secs(3)).await;
             eprintln!(
                 "  lease {:?}, trial {}: {:.2} s",
                 lease,

@@ -114,6 +114,12 @@ pub fn sibling_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// The log filter of cluster processes: errors only, so their output does not drown the
+/// figures, unless `COLONY_BENCH_NODE_LOG` asks for more (e.g. `info`) to see what happened.
+fn node_log_filter() -> String {
+    std::env::var("COLONY_BENCH_NODE_LOG").unwrap_or_else(|_| "error".to_string())
+}
+
 /// A local Colony cluster: `colony-node control` and `nodes` nodes on 127.0.0.1, one colo each
 /// (so replicas spread over colos, as in production), all killed when dropped.
 pub struct ColonyCluster {
@@ -121,9 +127,8 @@ pub struct ColonyCluster {
     pub names: Vec<String>,
     configs: Vec<PathBuf>,
     binary: PathBuf,
-    /// Held only to be dropped after the nodes (fields drop in order), so they never outlive
-    /// it and complain.
-    _control: Process,
+    /// Dropped after the nodes (fields drop in order), so they never outlive it and complain.
+    control: Process,
 }
 
 impl ColonyCluster {
@@ -153,7 +158,7 @@ impl ColonyCluster {
                 &write_quorum.to_string(),
             ])
             .args(["--expect-nodes", &nodes.to_string()])
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", node_log_filter())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -173,7 +178,7 @@ impl ColonyCluster {
             names: Vec::new(),
             configs: Vec::new(),
             binary: binary.to_path_buf(),
-            _control: control,
+            control,
         };
         for i in 0..nodes {
             let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -209,7 +214,7 @@ impl ColonyCluster {
         let mut child = Command::new(&self.binary)
             .args(["serve", "--config"])
             .arg(config)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", node_log_filter())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -229,6 +234,11 @@ impl ColonyCluster {
         let child = self.spawn_node(&self.configs[i].clone(), self.nodes[i].addr)?;
         self.nodes[i].child = child;
         Ok(())
+    }
+
+    /// The control plane's address (`/v1/control/status`).
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control.addr
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
