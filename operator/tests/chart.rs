@@ -8,20 +8,7 @@ mod support;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use support::repo_root;
-
-fn tool(name: &str) -> PathBuf {
-    let dir = std::env::var_os("COLONY_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/tools"));
-    let path = dir.join("bin").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/install-k8s-tools (it installs helm, kubectl and kubernetes-validate into target/tools, or $COLONY_TOOLS_DIR)",
-        path.display()
-    );
-    path
-}
+use support::{repo_root, tool};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output()

@@ -25,6 +25,20 @@ pub fn repo_root() -> PathBuf {
 
 /// Compares `actual` with `operator/tests/fixtures/<name>` (YAML). With `UPDATE_FIXTURES=1` the
 /// fixture is (re)written instead; review the diff before committing it.
+/// A tool `scripts/install-k8s-tools` installs into target/tools/bin (or $COLONY_TOOLS_DIR/bin).
+pub fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("COLONY_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/tools"));
+    let path = dir.join("bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/install-k8s-tools (it installs helm, kubectl, kubernetes-validate and shellcheck into target/tools, or $COLONY_TOOLS_DIR)",
+        path.display()
+    );
+    path
+}
+
 pub fn assert_fixture(name: &str, actual: &Value) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
