@@ -174,6 +174,48 @@ async fn a_frame_corrupted_in_flight_is_detected_and_the_follower_repaired() {
     }
 }
 
+/// The owner dies right after a write that reached only one follower: that follower, the most
+/// advanced, becomes owner and must first bring the other follower up to its position — an entry
+/// of the old epoch, resent as the new epoch's owner — before it serves. (A follower once refused
+/// old-epoch entries outright, and the new owner stayed recovering for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_owner_ahead_of_the_others_brings_them_up_before_it_serves() {
+    let mut c = TestCluster::start(three_nodes()).await;
+    let obj = "ahead";
+    put(&c, 0, obj, "seed", json!("x")).await;
+    let owner = c.owner_of(obj).await;
+    let followers = c.followers_of(obj).await;
+    let (ahead, behind) = (followers[0], followers[1]);
+    wait_caught_up(&c, behind, obj).await;
+    let (colo, slot) = slot_of(&c, obj).await;
+    let (owner_name, behind_name) = (c.nodes[owner].name.clone(), c.nodes[behind].name.clone());
+    c.proxy.block(&owner_name, &behind_name);
+    // Acknowledged by the owner and `ahead` (quorum 2 of 3); `behind` never sees it.
+    put(&c, owner, obj, "last", json!("acked")).await;
+    let before = slot_report(&c, behind, &colo, slot).await;
+    let leader = slot_report(&c, ahead, &colo, slot).await;
+    assert_ne!(
+        before["durable"], leader["durable"],
+        "the write must not have reached {behind_name}"
+    );
+    c.kill9(owner);
+    c.proxy.heal(&owner_name, &behind_name);
+    // The failover picks `ahead`; it serves once `behind` holds its position too.
+    put(&c, behind, obj, "after", json!("failover")).await;
+    assert_eq!(
+        c.owner_of(obj).await,
+        ahead,
+        "the most advanced follower owns the slot"
+    );
+    assert_eq!(get(&c, behind, obj, "last").await, json!("acked"));
+    wait_caught_up(&c, behind, obj).await;
+    let report = slot_report(&c, behind, &colo, slot).await;
+    assert!(
+        report["durable"]["epoch"].as_u64() > before["durable"]["epoch"].as_u64(),
+        "{behind_name} holds entries of the new epoch: {report}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_far_behind_rejoins_by_snapshot_sync() {
     let mut c = TestCluster::start(three_nodes()).await;

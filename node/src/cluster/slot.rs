@@ -8,7 +8,7 @@
 //! owner answers clients only while its lease is valid, once a quorum of voters holds the entry.
 
 use super::Cluster;
-use super::wire::{FollowerState, Frame, append_frame};
+use super::wire::{FollowerState, Frame, append_frame, restamped};
 use crate::error::ApiError;
 use crate::lsn::Lsn;
 use crate::placement::{SlotReplicas, effective_write_quorum};
@@ -253,7 +253,7 @@ impl Slot {
             st.accepted_epoch = epoch;
             cl.note_owner_epoch(&self.key, epoch);
         }
-        let frame = append_frame(&entry);
+        let frame = append_frame(&entry, epoch);
         let object = entry.object();
         let kind = entry.kind;
         let bytes = bytes::Bytes::from(entry.into_bytes());
@@ -457,8 +457,14 @@ impl Slot {
                     p.acked = p.acked.max(position.lsn);
                     p.stream = Stream::Streaming;
                 } else if let Some(from) = ring_index_after(&st, position) {
-                    let frames: Vec<Frame> =
-                        st.ring.iter().skip(from).map(|r| r.frame.clone()).collect();
+                    // Sent as this epoch's owner, whichever epoch wrote them: a new owner's tail
+                    // from the old epoch must reach a quorum before it serves.
+                    let frames: Vec<Frame> = st
+                        .ring
+                        .iter()
+                        .skip(from)
+                        .map(|r| restamped(&r.frame, epoch))
+                        .collect();
                     for f in frames {
                         cl.links.send(node, f);
                     }
@@ -519,7 +525,14 @@ impl Slot {
     // ----- follower side -----
 
     /// An entry from the owner arrived.
-    pub fn on_append(self: &Arc<Self>, cl: &Arc<Cluster>, entry: Entry, reply: &Replier) {
+    /// An entry from the owner of `sender_epoch` (at least the entry's own epoch).
+    pub fn on_append(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        entry: Entry,
+        sender_epoch: u64,
+        reply: &Replier,
+    ) {
         let mut st = self.lock();
         let status = |st: &SlotState, state: FollowerState| Frame::Status {
             slot: self.key.clone(),
@@ -527,23 +540,27 @@ impl Slot {
             position: st.durable,
             state,
         };
-        let lsn = entry.lsn();
         if st.syncing {
             let _ = reply.send(status(&st, FollowerState::Syncing));
             return;
         }
-        if lsn.epoch < st.fenced {
+        if sender_epoch < st.fenced {
             let _ = reply.send(status(&st, FollowerState::Fenced));
             return;
         }
         match st.role {
-            Role::Owner { epoch, .. } if lsn.epoch <= epoch => {
+            Role::Owner { epoch, .. } if sender_epoch <= epoch => {
                 let _ = reply.send(status(&st, FollowerState::Fenced));
                 return;
             }
             Role::Owner { .. } => {
                 // A newer owner exists and this node's map lags: stop owning.
-                let failed = step_down(&mut st, Role::Follower { epoch: lsn.epoch });
+                let failed = step_down(
+                    &mut st,
+                    Role::Follower {
+                        epoch: sender_epoch,
+                    },
+                );
                 st.closing = true;
                 drop(st);
                 fail_all(failed, &self.key);
@@ -573,8 +590,8 @@ impl Slot {
         }
         let pos = entry.position();
         st.appended = pos;
-        st.fenced = st.fenced.max(lsn.epoch);
-        let frame = append_frame(&entry);
+        st.fenced = st.fenced.max(sender_epoch);
+        let frame = append_frame(&entry, sender_epoch);
         push_ring(&mut st, frame, pos);
         let slot = self.clone();
         let cl2 = cl.clone();
@@ -591,7 +608,9 @@ impl Slot {
                 generation: st.generation,
             }),
             payload: bytes::Bytes::copy_from_slice(shared.bytes()),
-            done: Box::new(move |r| slot.on_follower_durable(&cl2, pos, r, for_apply, &reply)),
+            done: Box::new(move |r| {
+                slot.on_follower_durable(&cl2, pos, sender_epoch, r, for_apply, &reply)
+            }),
         });
     }
 
@@ -599,6 +618,7 @@ impl Slot {
         self: &Arc<Self>,
         cl: &Arc<Cluster>,
         pos: SlotPos,
+        sender_epoch: u64,
         result: Result<u64, LogError>,
         entry: Arc<Entry>,
         reply: &Replier,
@@ -609,10 +629,10 @@ impl Slot {
                 if pos.lsn > st.durable.lsn {
                     st.durable = pos;
                 }
-                // Never acknowledge an epoch this node has since been fenced against: the fence
-                // answer reported a position, and acknowledging more would let the old owner
-                // count a vote the failover did not see.
-                if pos.lsn.epoch >= st.fenced {
+                // Never acknowledge to an owner of an epoch this node has since been fenced
+                // against: the fence answer reported a position, and acknowledging more would
+                // let the old owner count a vote the failover did not see.
+                if sender_epoch >= st.fenced {
                     let _ = reply.send(Frame::Ack {
                         slot: self.key.clone(),
                         lsn: pos.lsn,

@@ -49,8 +49,15 @@ impl FollowerState {
 pub enum Frame {
     /// First frame from the connecting owner.
     Hello { node: String },
-    /// An entry of the slot's log (the entry carries its slot and position).
-    Append { entry: Bytes, kind: RecordKind },
+    /// An entry of the slot's log (the entry carries its slot and position), sent by the owner
+    /// of `epoch`. A new owner resends entries of older epochs that only it holds (so that a
+    /// quorum holds them before it serves); followers judge the sender by `epoch`, not by the
+    /// entry's own epoch.
+    Append {
+        entry: Bytes,
+        kind: RecordKind,
+        epoch: u64,
+    },
     /// Follower → owner: everything up to `lsn` is durable here.
     Ack { slot: SlotKey, lsn: Lsn },
     /// Owner → follower: report your position for `slot`; `epoch` is the owner's.
@@ -109,9 +116,10 @@ impl Frame {
                 out.put_u8(T_HELLO);
                 put_str(out, node);
             }
-            Frame::Append { entry, kind } => {
+            Frame::Append { entry, kind, epoch } => {
                 out.put_u8(T_APPEND);
                 out.put_u8(*kind as u8);
+                out.put_u64_le(*epoch);
                 out.put_slice(entry);
             }
             Frame::Ack { slot, lsn } => {
@@ -204,11 +212,12 @@ fn parse(b: &mut Bytes) -> Result<Frame, WireError> {
     Ok(match b.get_u8() {
         T_HELLO => Frame::Hello { node: get_str(b)? },
         T_APPEND => {
-            need(b, 1)?;
+            need(b, 9)?;
             let kind = RecordKind::from_u8(b.get_u8())
                 .ok_or(WireError::Malformed("unknown entry kind"))?;
+            let epoch = b.get_u64_le();
             let entry = b.split_to(b.remaining());
-            Frame::Append { entry, kind }
+            Frame::Append { entry, kind, epoch }
         }
         T_ACK => Frame::Ack {
             slot: get_slot(b)?,
@@ -250,11 +259,24 @@ fn parse(b: &mut Bytes) -> Result<Frame, WireError> {
     })
 }
 
-/// Builds an append frame for an entry.
-pub fn append_frame(entry: &Entry) -> Frame {
+/// Builds an append frame for an entry, sent by the owner of `epoch`.
+pub fn append_frame(entry: &Entry, epoch: u64) -> Frame {
     Frame::Append {
         entry: Bytes::copy_from_slice(entry.bytes()),
         kind: entry.kind,
+        epoch,
+    }
+}
+
+/// The same frame as sent by the owner of `epoch` (resending from the ring after an epoch change).
+pub fn restamped(frame: &Frame, epoch: u64) -> Frame {
+    match frame {
+        Frame::Append { entry, kind, .. } => Frame::Append {
+            entry: entry.clone(),
+            kind: *kind,
+            epoch,
+        },
+        other => other.clone(),
     }
 }
 
@@ -271,6 +293,7 @@ mod tests {
             Frame::Append {
                 entry: Bytes::from_static(b"entry bytes"),
                 kind: RecordKind::PageSet,
+                epoch: 6,
             },
             Frame::Ack {
                 slot: slot.clone(),

@@ -78,13 +78,17 @@ where
             match Frame::decode(&mut buf) {
                 Ok(Some(frame)) => match frame {
                     Frame::Hello { node } => from = Some(node),
-                    Frame::Append { entry, kind } => {
+                    Frame::Append { entry, kind, epoch } => {
                         let Ok(entry) = Entry::from_bytes(kind, entry.to_vec()) else {
                             tracing::warn!(from = ?from, "malformed entry; dropping the connection");
                             break 'read;
                         };
+                        if entry.lsn().epoch > epoch {
+                            tracing::warn!(from = ?from, "entry newer than its sender's epoch; dropping the connection");
+                            break 'read;
+                        }
                         let slot = cl.slot(&entry.slot());
-                        slot.on_append(&cl, entry, &tx);
+                        slot.on_append(&cl, entry, epoch, &tx);
                     }
                     Frame::Probe { slot, .. } => {
                         let _ = tx.send(cl.slot(&slot).status_frame());
