@@ -43,6 +43,17 @@ pub async fn request_json(
     let mut sender = load::connect(addr)
         .await
         .map_err(|e| format!("{addr}: {e}"))?;
+    request_on(&mut sender, addr, method, path, body).await
+}
+
+/// Like [`request_json`], on an open keep-alive connection.
+async fn request_on(
+    sender: &mut load::Sender,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> Result<(u16, Value), String> {
     let req = Request::builder()
         .method(method)
         .uri(path)
@@ -458,6 +469,8 @@ const WRITERS: usize = 4;
 
 struct Writers {
     acks: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Instant)>>>,
+    /// The last failed attempt of each writer, to say why when no write gets through.
+    last_error: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -465,30 +478,60 @@ struct Writers {
 impl Writers {
     fn start(via: SocketAddr, name: &str) -> Writers {
         let acks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let last_error = std::sync::Arc::new(std::sync::Mutex::new(vec![String::new(); WRITERS]));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks = (0..WRITERS)
             .map(|w| {
-                let (acks, stop) = (acks.clone(), stop.clone());
+                let (acks, last_error, stop) = (acks.clone(), last_error.clone(), stop.clone());
                 let path = format!("/v1/ns/default/names/{name}/kv/w{w}");
                 tokio::spawn(async move {
                     let mut n = 0u64;
+                    // A keep-alive connection, like a real client's; a new one after a failure.
+                    let mut conn: Option<load::Sender> = None;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         n += 1;
                         let sent = Instant::now();
-                        match request_json(via, Method::PUT, &path, &n.to_string()).await {
+                        let outcome = match conn.as_mut() {
+                            Some(c) => request_on(c, via, Method::PUT, &path, &n.to_string()).await,
+                            None => match load::connect(via).await {
+                                Ok(mut c) => {
+                                    let r =
+                                        request_on(&mut c, via, Method::PUT, &path, &n.to_string())
+                                            .await;
+                                    conn = Some(c);
+                                    r
+                                }
+                                Err(e) => Err(format!("connect {via}: {e}")),
+                            },
+                        };
+                        let failure = match outcome {
                             Ok((200, _)) => {
                                 if let Ok(mut a) = acks.lock() {
                                     a.push((sent, Instant::now()));
                                 }
+                                continue;
                             }
-                            // Refused or unanswered while the slot fails over: try again soon.
-                            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                            Ok((status, body)) => format!("{status} {body}"),
+                            Err(e) => {
+                                conn = None;
+                                e
+                            }
+                        };
+                        if let Ok(mut l) = last_error.lock() {
+                            l[w] = failure;
                         }
+                        // Refused or unanswered while the slot fails over: try again soon.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 })
             })
             .collect();
-        Writers { acks, stop, tasks }
+        Writers {
+            acks,
+            last_error,
+            stop,
+            tasks,
+        }
     }
 
     /// When the first write sent after `t` was acknowledged, if one was.
@@ -541,10 +584,27 @@ async fn failover(opts: &Options) -> Result<(), String> {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             };
+            let last_errors = writers
+                .last_error
+                .lock()
+                .map(|l| l.join(" | "))
+                .unwrap_or_default();
             writers.stop().await;
             let Some(acked) = acked else {
+                if std::env::var_os("COLONY_BENCH_HOLD_ON_FAILURE").is_some() {
+                    eprintln!(
+                        "holding the cluster for 15 minutes to look at: control {}, nodes {:?}, via {via}",
+                        cluster.control_addr(),
+                        cluster
+                            .nodes
+                            .iter()
+                            .map(|n| (n.addr, n.child.id()))
+                            .collect::<Vec<_>>()
+                    );
+                    tokio::time::sleep(Duration::from_secs(900)).await;
+                }
                 return Err(format!(
-                    "no write to {name} was acknowledged within {:?} of killing its owner",
+                    "no write to {name} was acknowledged within {:?} of killing its owner (last failures: {last_errors})",
                     lease + Duration::from_secs(60)
                 ));
             };
