@@ -129,6 +129,54 @@ async fn dev_runs_a_local_cluster_where_any_node_serves_any_object() {
     assert_eq!(ready["mode"], "cluster");
     assert_eq!(ready["nodesInRegion"], 6);
     assert_eq!(ready["underReplicated"], false);
+
+    // A location hint naming another colo of the region makes it the object's home: its slot
+    // belongs to that colo wherever the ID was made.
+    let post_ids = |body: Value| {
+        let client = client.clone();
+        let url = format!("{}/v1/ns/default/ids", addresses[0]);
+        async move {
+            let v: Value = client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("ids")
+                .json()
+                .await
+                .expect("json");
+            v
+        }
+    };
+    let here = post_ids(json!({})).await["colo"]
+        .as_str()
+        .expect("colo")
+        .to_string();
+    let there = ["ams", "fra", "lhr"]
+        .into_iter()
+        .find(|c| *c != here)
+        .expect("another colo");
+    let hinted = post_ids(json!({"locationHint": there})).await;
+    assert_eq!(hinted["colo"], there, "{hinted}");
+    let id = hinted["id"].as_str().expect("id");
+    let r = client
+        .put(format!("{}/v1/ns/default/objects/{id}/kv/k", addresses[0]))
+        .json(&json!(1))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 200);
+    let located: Value = client
+        .get(format!("{}/v1/admin/locate/default/{id}", addresses[0]))
+        .send()
+        .await
+        .expect("locate")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(located["colo"], there, "{located}");
+    let unknown = post_ids(json!({"locationHint": "nowhere"})).await;
+    assert_eq!(unknown["colo"], here.as_str(), "{unknown}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,6 +51,10 @@ async fn ids_named_are_deterministic_unique_are_fresh_and_forgeries_are_refused(
         .await;
     assert_ne!(u1["id"], u2["id"]);
     assert_eq!(u2["jurisdiction"], "eu");
+    // A unique ID's home is this node's colo; a hint naming no colo of the region is a
+    // preference that cannot be met, not an error.
+    assert!(u1["colo"].is_string(), "{u1}");
+    assert_eq!(u2["colo"], u1["colo"]);
     // An empty body is the same as {}.
     let r = node
         .client

@@ -86,16 +86,23 @@ pub async fn create(
         }
         Some(name) => ns.keys.from_name(name, jurisdiction.as_deref()),
         None => {
-            // The home colo is this node's colo; a location hint is honoured once objects can be
-            // placed in other colos.
-            ns.keys
-                .new_unique(&node.config.node.colo, jurisdiction.as_deref())
+            // Home: the hinted colo when it is one of this region's, else this node's colo (a
+            // hint is a preference, as for Durable Objects, not an error when it cannot be met).
+            let placed = node.cluster.placement();
+            let colo = req
+                .location_hint
+                .as_ref()
+                .filter(|hint| placed.colos.contains_key(hint.as_str()))
+                .unwrap_or(&node.config.node.colo);
+            ns.keys.new_unique(colo, jurisdiction.as_deref())
         }
     };
+    let home = node.cluster.home_colo(&node.cluster.placement(), &id).ok();
     Ok(json_ok(&json!({
         "id": id.to_hex(),
         "kind": kind_name(id.kind()),
         "jurisdiction": jurisdiction,
+        "colo": home,
     })))
 }
 
