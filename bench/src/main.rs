@@ -42,7 +42,7 @@ enum Command {
         /// The workerd binary; without it only Colony is measured.
         #[arg(long)]
         workerd: Option<PathBuf>,
-        /// RSS milestones, in objects touched (comma separated; empty to skip).
+        /// RSS milestones, in objects touched (comma separated; 0 to skip).
         #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
         rss_objects: Vec<u64>,
         /// Also measure workerd's RSS after touching this many objects (slow: workerd creates
