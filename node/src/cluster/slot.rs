@@ -524,8 +524,7 @@ impl Slot {
 
     // ----- follower side -----
 
-    /// An entry from the owner arrived.
-    /// An entry from the owner of `sender_epoch` (at least the entry's own epoch).
+    /// An entry arrived from the owner of `sender_epoch` (at least the entry's own epoch).
     pub fn on_append(
         self: &Arc<Self>,
         cl: &Arc<Cluster>,
