@@ -96,7 +96,9 @@ async fn slot_report(c: &TestCluster, node: usize, colo: &str, slot: u32) -> Val
 /// Waits until `node` holds the slot's entries up to where its owner is.
 async fn wait_caught_up(c: &TestCluster, node: usize, obj: &str) {
     let (colo, slot) = slot_of(c, obj).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: the tests of this file run side by side, five clusters on two cores, and a node
+    // whose disk was full waits up to 5 s between attempts at a new log segment.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let owner = c.owner_of(obj).await;
         let o = slot_report(c, owner, &colo, slot).await;

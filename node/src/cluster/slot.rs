@@ -69,8 +69,13 @@ struct Progress {
     votes: bool,
     acked: Lsn,
     stream: Stream,
+    /// When `stream` last changed, or (streaming) when `acked` last moved.
     since: Instant,
 }
+
+/// A streaming follower whose acknowledgements have not moved for this long while it is behind
+/// is probed again: the frames resent to it may have been dropped with a reconnecting link.
+const STALLED_FOLLOWER: Duration = Duration::from_secs(1);
 
 /// An entry kept in memory to resend to followers that fall a little behind.
 struct RingEntry {
@@ -345,6 +350,7 @@ impl Slot {
             && lsn > p.acked
         {
             p.acked = lsn;
+            p.since = Instant::now();
         }
         let released = take_released(&mut st, cl);
         drop(st);
@@ -365,10 +371,19 @@ impl Slot {
         );
         // The common case, an idle or streaming slot, costs one lock: this runs for every owned
         // slot 20 times a second.
+        let appended = st.appended.lsn;
+        let stalled = |p: &Progress| {
+            p.stream == Stream::Streaming
+                && p.acked < appended
+                && p.since.elapsed() > STALLED_FOLLOWER
+        };
         if !matches!(st.role, Role::Owner { .. })
             || (!recovering
                 && st.pending.is_empty()
-                && st.progress.iter().all(|p| p.stream == Stream::Streaming))
+                && st
+                    .progress
+                    .iter()
+                    .all(|p| p.stream == Stream::Streaming && !stalled(p)))
         {
             return;
         }
@@ -385,7 +400,8 @@ impl Slot {
             .progress
             .iter_mut()
             .filter(|p| {
-                p.stream != Stream::Streaming && p.since.elapsed() > Duration::from_millis(300)
+                (p.stream != Stream::Streaming && p.since.elapsed() > Duration::from_millis(300))
+                    || stalled(p)
             })
             .map(|p| {
                 p.since = Instant::now();
