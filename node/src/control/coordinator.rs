@@ -56,6 +56,8 @@ struct State {
     /// The inputs (map version, settled nodes, pinned slots) for which the last hand-back pass
     /// found nothing to move: the same inputs need no new balancing computation.
     balanced: Option<(u64, Vec<String>, usize)>,
+    /// A batch of hand-backs is running in the background.
+    handing_back: bool,
 }
 
 pub struct Coordinator {
@@ -117,6 +119,7 @@ impl Coordinator {
                 fenced: HashMap::new(),
                 pinned: HashSet::new(),
                 balanced: None,
+                handing_back: false,
             }),
             changed: tokio::sync::Notify::new(),
             admin,
@@ -215,7 +218,7 @@ impl Coordinator {
     }
 
     /// One pass of the control loop.
-    pub async fn pass(&self) {
+    pub async fn pass(self: &Arc<Self>) {
         let (healthy, map, started) = {
             let st = self.lock();
             (self.healthy(&st), st.map.clone(), st.started)
@@ -443,7 +446,7 @@ impl Coordinator {
     /// nodes (healthy for a while) names another owner — a home-colo node again, or a node that
     /// returned — the slot moves there by planned hand-off, without losing writes. Placement keeps
     /// current owners where it can, so only the slots that failed over (or their share) move.
-    async fn hand_back(&self, healthy: &[NodeInfo], map: &PlacementMap) {
+    async fn hand_back(self: &Arc<Self>, healthy: &[NodeInfo], map: &PlacementMap) {
         let (settled, pinned) = {
             let st = self.lock();
             let settled = healthy
@@ -495,62 +498,78 @@ impl Coordinator {
             self.lock().balanced = Some(inputs);
             return;
         }
-        // Hand-offs finished within the budget are published; the rest are abandoned (the owners
-        // go back to serving) and retried on a later pass. The budget keeps failovers, which
-        // wait for this pass, from waiting long behind a hand-off to a node that just died.
-        let budget = (self.cfg.lease / 2).max(Duration::from_secs(1));
-        let finished = Mutex::new(Vec::new());
-        let handoffs = futures::stream::iter(moves.into_iter().take(64))
-            .map(|(colo, slot, cur, to)| async move {
-                let address = map
-                    .nodes
-                    .get(&cur.owner)
-                    .map(|n| n.address.clone())
-                    .unwrap_or_default();
-                let epoch = cur.epoch + 1;
-                // Until the answer arrives the owner may have fenced itself at `epoch`: if it
-                // never does (error, or abandoned), that epoch must be published either way.
-                self.note_fencing(&colo, slot, epoch);
-                match self.admin.handoff(&address, &colo, slot, &to, epoch).await {
-                    Ok(_) => Some((colo, slot, handed_to(&cur, &to))),
-                    Err(e) => {
-                        tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
-                        None
+        // The hand-offs run in the background, so failovers — which the next passes decide —
+        // never wait behind them (a hand-off to a node that just died takes the owner's whole
+        // timeout). One batch at a time.
+        {
+            let mut st = self.lock();
+            if st.handing_back {
+                return;
+            }
+            st.handing_back = true;
+        }
+        let this = self.clone();
+        let map = map.clone();
+        tokio::spawn(async move {
+            let done: Vec<(String, u32, SlotReplicas, SlotReplicas)> = futures::stream::iter(
+                moves.into_iter().take(64),
+            )
+            .map(|(colo, slot, cur, to)| {
+                let (this, map) = (&this, &map);
+                async move {
+                    let address = map
+                        .nodes
+                        .get(&cur.owner)
+                        .map(|n| n.address.clone())
+                        .unwrap_or_default();
+                    let epoch = cur.epoch + 1;
+                    match this.admin.handoff(&address, &colo, slot, &to, epoch).await {
+                        Ok(_) => {
+                            let next = handed_to(&cur, &to);
+                            Some((colo, slot, cur, next))
+                        }
+                        Err(e) => {
+                            // The owner may have fenced itself at `epoch` even though
+                            // its answer did not arrive: that epoch must be published.
+                            this.note_fencing(&colo, slot, epoch);
+                            tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
+                            None
+                        }
                     }
                 }
             })
             .buffer_unordered(16)
             .filter_map(|x| async { x })
-            .for_each(|d| {
-                finished.lock().unwrap_or_else(|p| p.into_inner()).push(d);
-                async {}
-            });
-        if tokio::time::timeout(budget, handoffs).await.is_err() {
-            tracing::debug!(
-                ?budget,
-                "hand-back pass out of time; the rest waits for the next"
-            );
-        }
-        let done = finished.into_inner().unwrap_or_else(|p| p.into_inner());
-        if done.is_empty() {
-            return;
-        }
-        let mut st = self.lock();
-        let mut next = (*st.map).clone();
-        for (colo, slot, r) in &done {
-            if let Some(s) = next
-                .colos
-                .get_mut(colo)
-                .and_then(|c: &mut ColoSlots| c.slots.get_mut(*slot as usize))
-            {
-                *s = r.clone();
+            .collect()
+            .await;
+            let mut st = this.lock();
+            st.handing_back = false;
+            let mut next = (*st.map).clone();
+            let mut moved = 0u64;
+            for (colo, slot, before, after) in &done {
+                if let Some(s) = next
+                    .colos
+                    .get_mut(colo)
+                    .and_then(|c: &mut ColoSlots| c.slots.get_mut(*slot as usize))
+                {
+                    // Only onto the replica set the hand-off started from: had the slot failed
+                    // over meanwhile, its new owner holds this epoch, and publishing the target
+                    // too would give the epoch two owners.
+                    if s.owner == before.owner && s.epoch == before.epoch {
+                        *s = after.clone();
+                        moved += 1;
+                    }
+                }
+                st.fenced.remove(&(colo.clone(), *slot));
             }
-            st.fenced.remove(&(colo.clone(), *slot));
-        }
-        self.handoffs
-            .fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(slots = done.len(), "handed slots back to their home colo");
-        self.publish(&mut st, next);
+            if moved == 0 {
+                return;
+            }
+            this.handoffs
+                .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(slots = moved, "handed slots back to their home colo");
+            this.publish(&mut st, next);
+        });
     }
 
     pub async fn admin_handoff(
