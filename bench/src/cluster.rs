@@ -10,7 +10,7 @@
 //! to the colo): forwarding through another node would add a hop that is not replication's cost.
 
 use crate::etcd::{self, EtcdCluster};
-use crate::load::{self, Stats, Target};
+use crate::load::{self, Stats, Summary, Target, median, summarize};
 use crate::single::{CREATE_SQL, INCR_SQL, READ_SQL, sql_body};
 use crate::systems::{self, ColonyCluster, Process};
 use bytes::Bytes;
@@ -319,32 +319,6 @@ async fn prepare(d: &Deployment<'_>, w: &Workload) -> Result<(), String> {
 async fn measure(d: &Deployment<'_>, w: &Workload, duration: Duration) -> Result<Stats, String> {
     let t = targets(d, w).await?;
     Ok(etcd::run_spread(&t, w.connections, duration).await)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Summary {
-    rps: f64,
-    p50: f64,
-    p99: f64,
-    errors: u64,
-}
-
-fn summarize(runs: &[Stats]) -> Summary {
-    Summary {
-        rps: median(runs.iter().map(Stats::rps).collect()),
-        p50: median(runs.iter().map(Stats::p50_ms).collect()),
-        p99: median(runs.iter().map(Stats::p99_ms).collect()),
-        errors: runs.iter().map(|s| s.errors).sum(),
-    }
 }
 
 fn line(label: &str, who: &str, s: &Summary) {

@@ -213,3 +213,31 @@ pub async fn drive(target: &Target, connections: usize, count: u64) -> u64 {
     }
     failed
 }
+
+/// The median (NaN for none); benchmarks run more than once on shared machines and quote it.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Medians of several runs of one workload on one system.
+#[derive(Clone, Copy)]
+pub struct Summary {
+    pub rps: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub errors: u64,
+}
+
+pub fn summarize(runs: &[Stats]) -> Summary {
+    Summary {
+        rps: median(runs.iter().map(Stats::rps).collect()),
+        p50: median(runs.iter().map(Stats::p50_ms).collect()),
+        p99: median(runs.iter().map(Stats::p99_ms).collect()),
+        errors: runs.iter().map(|s| s.errors).sum(),
+    }
+}

@@ -1,6 +1,6 @@
 //! The object-host benchmark: one Colony node against workerd, same workloads, same run.
 
-use crate::load::{self, Stats, Target};
+use crate::load::{self, Target, summarize};
 use crate::systems::{self, Process};
 use hyper::Method;
 use std::path::PathBuf;
@@ -139,31 +139,6 @@ async fn prepare(sys: System, p: &Process, objects: u64) -> Result<(), String> {
         return Err(format!("{failed} warm-up requests failed"));
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-struct Summary {
-    rps: f64,
-    p50: f64,
-    p99: f64,
-    errors: u64,
-}
-
-fn summarize(runs: &[Stats]) -> Summary {
-    Summary {
-        rps: median(runs.iter().map(Stats::rps).collect()),
-        p50: median(runs.iter().map(Stats::p50_ms).collect()),
-        p99: median(runs.iter().map(Stats::p99_ms).collect()),
-        errors: runs.iter().map(|s| s.errors).sum(),
-    }
 }
 
 /// Touches `milestones` objects (creating each with one write) and reports RSS at each.
