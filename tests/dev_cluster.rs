@@ -22,6 +22,17 @@ impl Drop for Killed {
 }
 
 /// A free range of `n` consecutive ports on 127.0.0.1.
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 fn free_ports(n: u16) -> u16 {
     for _ in 0..50 {
         let base = TcpListener::bind("127.0.0.1:0")
@@ -107,25 +118,11 @@ async fn dev_runs_a_local_cluster_where_any_node_serves_any_object() {
     }
     for a in &addresses {
         for i in 0..6 {
-            let v: Value = client
-                .get(format!("{a}/v1/ns/default/names/room-{i}/kv/who"))
-                .send()
-                .await
-                .expect("get")
-                .json()
-                .await
-                .expect("json");
+            let v = get_json(&client, &format!("{a}/v1/ns/default/names/room-{i}/kv/who")).await;
             assert_eq!(v["value"], json!(i), "room-{i} read through {a}");
         }
     }
-    let ready: Value = client
-        .get(format!("{}/readyz", addresses[0]))
-        .send()
-        .await
-        .expect("readyz")
-        .json()
-        .await
-        .expect("json");
+    let ready = get_json(&client, &format!("{}/readyz", addresses[0])).await;
     assert_eq!(ready["mode"], "cluster");
     assert_eq!(ready["nodesInRegion"], 6);
     assert_eq!(ready["underReplicated"], false);
@@ -166,14 +163,11 @@ async fn dev_runs_a_local_cluster_where_any_node_serves_any_object() {
         .await
         .expect("put");
     assert_eq!(r.status(), 200);
-    let located: Value = client
-        .get(format!("{}/v1/admin/locate/default/{id}", addresses[0]))
-        .send()
-        .await
-        .expect("locate")
-        .json()
-        .await
-        .expect("json");
+    let located = get_json(
+        &client,
+        &format!("{}/v1/admin/locate/default/{id}", addresses[0]),
+    )
+    .await;
     assert_eq!(located["colo"], there, "{located}");
     let unknown = post_ids(json!({"locationHint": "nowhere"})).await;
     assert_eq!(unknown["colo"], here.as_str(), "{unknown}");
