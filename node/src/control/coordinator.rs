@@ -446,7 +446,7 @@ impl Coordinator {
     /// nodes (healthy for a while) names another owner — a home-colo node again, or a node that
     /// returned — the slot moves there by planned hand-off, without losing writes. Placement keeps
     /// current owners where it can, so only the slots that failed over (or their share) move.
-    async fn hand_back(self: &Arc<Self>, healthy: &[NodeInfo], map: &PlacementMap) {
+    async fn hand_back(self: &Arc<Self>, healthy: &[NodeInfo], map: &Arc<PlacementMap>) {
         let (settled, pinned) = {
             let st = self.lock();
             let settled = healthy

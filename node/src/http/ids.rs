@@ -66,6 +66,7 @@ pub async fn create(
             format!("location hint {hint:?} is not a valid colo name (a-z, 0-9, '-')"),
         ));
     }
+    let placed = node.cluster.placement();
     let max_name = ns.config.limits.max_key_bytes.0 as usize;
     let id = match &req.name {
         Some(name) if name.is_empty() => {
@@ -88,7 +89,6 @@ pub async fn create(
         None => {
             // Home: the hinted colo when it is one of this region's, else this node's colo (a
             // hint is a preference, as for Durable Objects, not an error when it cannot be met).
-            let placed = node.cluster.placement();
             let colo = req
                 .location_hint
                 .as_ref()
@@ -97,7 +97,7 @@ pub async fn create(
             ns.keys.new_unique(colo, jurisdiction.as_deref())
         }
     };
-    let home = node.cluster.home_colo(&node.cluster.placement(), &id).ok();
+    let home = node.cluster.home_colo(&placed, &id).ok();
     Ok(json_ok(&json!({
         "id": id.to_hex(),
         "kind": kind_name(id.kind()),
