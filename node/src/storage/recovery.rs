@@ -72,10 +72,18 @@ pub fn scan(
 /// Up to where an object's file is known to hold its entries.
 #[derive(Clone, Copy, Default)]
 struct Covered {
-    /// Log position of the newest checkpoint marker.
-    upto: u64,
+    /// Log position of the newest entry a checkpoint marker covers (inclusive). `None` when there
+    /// is no marker: the record at log position 0 is an entry like any other, and a default of 0
+    /// skipped it (the first commit of the first object a node wrote, schema page and all).
+    upto: Option<u64>,
     /// Slot position: the newest marker's, or the floor set by a snapshot sync.
     slot_lsn: Lsn,
+}
+
+impl Covered {
+    fn covers(&self, log_lsn: u64, slot_lsn: Lsn) -> bool {
+        self.upto.is_some_and(|u| log_lsn <= u) || slot_lsn <= self.slot_lsn
+    }
 }
 
 fn covered_by_markers(
@@ -91,7 +99,7 @@ fn covered_by_markers(
             (
                 k.clone(),
                 Covered {
-                    upto: 0,
+                    upto: None,
                     slot_lsn: *f,
                 },
             )
@@ -103,7 +111,7 @@ fn covered_by_markers(
             && only.is_none_or(|o| *o == c.object)
         {
             let e = covered.entry(c.object).or_default();
-            e.upto = e.upto.max(c.upto);
+            e.upto = Some(e.upto.map_or(c.upto, |u| u.max(c.upto)));
             e.slot_lsn = e.slot_lsn.max(c.slot_lsn);
         }
         Ok(())
@@ -213,16 +221,13 @@ pub fn replay_object(
         applied: 0,
     };
     scan(log_dir, upto, |lsn, kind, payload| {
-        if kind == RecordKind::Checkpoint
-            || lsn <= c.upto
-            || decode_object_of(payload).ok().as_ref() != Some(key)
-        {
+        if kind == RecordKind::Checkpoint || decode_object_of(payload).ok().as_ref() != Some(key) {
             return Ok(());
         }
-        if entry_lsn(kind, payload).is_some_and(|(_, p)| p.lsn <= c.slot_lsn) {
-            return Ok(());
+        match entry_lsn(kind, payload) {
+            Some((_, p)) if c.covers(lsn, p.lsn) => Ok(()),
+            _ => applier.apply(kind, payload),
         }
-        applier.apply(kind, payload)
     })?;
     applier.finish()?;
     if db.exists() {
@@ -282,9 +287,7 @@ pub fn recover(
         }
         let key =
             decode_object_of(payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if let Some(c) = covered.get(&key)
-            && (lsn <= c.upto || pos.lsn <= c.slot_lsn)
-        {
+        if covered.get(&key).is_some_and(|c| c.covers(lsn, pos.lsn)) {
             return Ok(());
         }
         applier.apply(kind, payload)
@@ -333,4 +336,118 @@ pub fn remove_database_files(db: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ObjectId;
+    use crate::storage::record::{Checkpoint, PageSetBuilder, encode_checkpoint};
+    use crate::storage::segments::{encode_record, segment_path};
+    use std::sync::Arc;
+
+    const PAGE: u32 = 512;
+
+    fn object(n: u8) -> ObjectKey {
+        ObjectKey::new(Arc::from("ns"), ObjectId::from_bytes([n; 32]))
+    }
+
+    /// A page set of `object` at slot position 1/`seq` writing `pages` (each filled with
+    /// `fill`) into a database of `db_pages` pages.
+    fn page_set(object: &ObjectKey, seq: u64, pages: &[u32], fill: u8, db_pages: u32) -> Vec<u8> {
+        let mut b = PageSetBuilder::new(object, &SlotKey::new("c", 0), PAGE, db_pages, 2);
+        for p in pages {
+            b.push(*p, &[fill; PAGE as usize]);
+        }
+        let mut e = b.finish();
+        e.place_after(SlotPos::START, Lsn::new(1, seq));
+        e.into_bytes()
+    }
+
+    /// Writes `records` as the node log in `dir`, the first at log position 0; returns their
+    /// positions.
+    fn write_log(dir: &Path, records: &[(RecordKind, Vec<u8>)]) -> Vec<u64> {
+        fs::create_dir_all(dir).expect("log dir");
+        let mut buf = Vec::new();
+        let mut at = Vec::new();
+        for (kind, payload) in records {
+            let lsn = buf.len() as u64;
+            at.push(lsn);
+            encode_record(&mut buf, lsn, *kind, payload);
+        }
+        fs::write(segment_path(dir, 0), &buf).expect("segment");
+        at
+    }
+
+    fn checkpoint(object: &ObjectKey, upto: u64) -> (RecordKind, Vec<u8>) {
+        let c = Checkpoint {
+            object: object.clone(),
+            upto,
+            slot_lsn: Lsn::ZERO,
+        };
+        (RecordKind::Checkpoint, encode_checkpoint(&c))
+    }
+
+    /// First byte of each page of a database file.
+    fn page_fills(db: &Path) -> Vec<u8> {
+        let bytes = fs::read(db).expect("database file");
+        bytes.chunks(PAGE as usize).map(|p| p[0]).collect()
+    }
+
+    #[test]
+    fn the_first_record_of_the_log_is_replayed_when_no_marker_covers_it() {
+        // The node's very first commit (an object's schema page among it) sits at log position
+        // 0; it used to be taken as covered by a marker that did not exist.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let log = tmp.path().join("log");
+        let a = object(1);
+        write_log(
+            &log,
+            &[
+                (RecordKind::PageSet, page_set(&a, 1, &[1, 2], 1, 2)),
+                (RecordKind::PageSet, page_set(&a, 2, &[2], 2, 2)),
+            ],
+        );
+        let db = tmp.path().join("a.db");
+        let applied = replay_object(&log, &a, &db, u64::MAX, None).expect("replay");
+        assert_eq!(applied, 2);
+        assert_eq!(page_fills(&db), vec![1, 2]);
+
+        // Startup recovery, with a snapshot floor below both entries (an entry for the object
+        // in the floors used to mean "covered up to log position 0" as well).
+        let db2 = tmp.path().join("a2.db");
+        let floors = HashMap::from([(a.clone(), Lsn::ZERO)]);
+        let report = recover(&log, |_| db2.clone(), &floors, |_| Ok(())).expect("recover");
+        assert_eq!(report.page_sets_applied, 2);
+        assert_eq!(page_fills(&db2), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_marker_covers_entries_up_to_and_including_its_position() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let log = tmp.path().join("log");
+        let a = object(1);
+        let b = object(2);
+        // a's first entry at 0 is checkpointed (marker upto 0); its second is not. b has no
+        // marker. The database file of a already holds page 1 from the checkpoint.
+        let first_b = page_set(&b, 1, &[1], 7, 1);
+        let records = [
+            (RecordKind::PageSet, page_set(&a, 1, &[1, 2], 1, 2)),
+            (RecordKind::PageSet, first_b),
+            checkpoint(&a, 0),
+            (RecordKind::PageSet, page_set(&a, 2, &[2], 2, 2)),
+        ];
+        write_log(&log, &records);
+        let db_a = tmp.path().join("a.db");
+        fs::write(&db_a, vec![9u8; 2 * PAGE as usize]).expect("checkpointed file");
+        let applied = replay_object(&log, &a, &db_a, u64::MAX, None).expect("replay");
+        assert_eq!(applied, 1, "only the entry after the marker");
+        assert_eq!(page_fills(&db_a), vec![9, 2]);
+        let db_b = tmp.path().join("b.db");
+        assert_eq!(
+            replay_object(&log, &b, &db_b, u64::MAX, None).expect("replay"),
+            1
+        );
+        assert_eq!(page_fills(&db_b), vec![7]);
+    }
 }
