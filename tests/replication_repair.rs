@@ -371,3 +371,56 @@ async fn a_follower_with_a_full_disk_stays_out_of_the_quorum_and_catches_up_late
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_republished_at_a_newer_epoch_after_a_failed_hand_off_serves_again() {
+    let c = TestCluster::start(three_nodes()).await;
+    let obj = "stays";
+    put(&c, 0, obj, "k", json!("before")).await;
+    let owner = c.owner_of(obj).await;
+    let target = a_follower(&c, obj).await;
+    let (colo, slot) = slot_of(&c, obj).await;
+    let epoch = slot_report(&c, owner, &colo, slot).await["epoch"].clone();
+    // The target misses a write and never hears from the owner again, so the hand-off cannot
+    // finish: the owner gives up after its wait, and the control plane publishes it again at
+    // the epoch the hand-off may have fenced it at.
+    c.proxy
+        .blackhole(&c.nodes[owner].name, &c.nodes[target].name);
+    put(&c, owner, obj, "k", json!("unseen by the target")).await;
+    let r = c
+        .client
+        .post(format!("{}/v1/control/handoff", c.control_url))
+        .json(&json!({"colo": colo, "slot": slot, "to": c.nodes[target].name}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("handoff");
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "the hand-off cannot finish: {body}");
+    // The owner keeps the slot at a newer epoch and serves it (the other follower makes the
+    // quorum): it must not wait in recovery for entries it wrote itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = slot_report(&c, owner, &colo, slot).await;
+        if report["epoch"].as_u64() > epoch.as_u64() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not published again at a newer epoch than {epoch}: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    put(&c, owner, obj, "k", json!("after")).await;
+    let report = slot_report(&c, owner, &colo, slot).await;
+    assert_eq!(
+        (&report["role"], &report["phase"]),
+        (&json!("owner"), &json!("serving")),
+        "{report}"
+    );
+    assert_eq!(c.owner_of(obj).await, owner);
+    c.proxy.heal_all();
+    wait_caught_up(&c, target, obj).await;
+    assert_eq!(get(&c, target, obj, "k").await, json!("after"));
+}

@@ -295,6 +295,13 @@ impl Slot {
                 if pos.lsn > st.durable.lsn {
                     st.durable = pos;
                 }
+                // Written by this node's own SQLite: its database already holds the entry, as
+                // the applier's writes do for followed entries. Without this, an owner that was
+                // published again at a newer epoch (a hand-off that failed after fencing) waited
+                // in recovery for an applier that had nothing to apply, and never served.
+                if pos.lsn > st.applied {
+                    st.applied = pos.lsn;
+                }
                 if let Some(p) = st.pending.iter_mut().find(|p| p.pos.lsn == pos.lsn) {
                     p.log_lsn = Some(log_lsn);
                 }
