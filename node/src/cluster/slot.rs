@@ -71,7 +71,14 @@ struct Progress {
     stream: Stream,
     /// When `stream` last changed, or (streaming) when `acked` last moved.
     since: Instant,
+    /// When this follower was last told to sync. Kept apart from `since`, which every re-probe
+    /// resets: a follower whose sync failed was never asked again while re-probes kept coming.
+    sync_asked: Option<Instant>,
 }
+
+/// A follower that still needs a snapshot sync this long after being told is told again (its
+/// previous attempt may have failed, e.g. while this owner was still recovering).
+const SYNC_REASK: Duration = Duration::from_secs(2);
 
 /// A streaming follower whose acknowledgements have not moved for this long while it is behind
 /// is probed again: the frames resent to it may have been dropped with a reconnecting link.
@@ -215,6 +222,15 @@ impl Slot {
     pub fn serving(&self) -> bool {
         let st = self.lock();
         matches!(st.role, Role::Owner { epoch, phase: Phase::Serving } if epoch >= st.fenced)
+    }
+
+    /// Whether this node's copy of the slot is complete and can be handed to a syncing follower:
+    /// a serving owner, or one draining for a hand-off (it takes no new writes, but the hand-off
+    /// target may itself need a snapshot before it can catch up — refusing it then made every
+    /// hand-back to a diverged follower time out, over and over).
+    pub fn can_snapshot(&self) -> bool {
+        let st = self.lock();
+        matches!(st.role, Role::Owner { epoch, phase: Phase::Serving | Phase::Draining } if epoch >= st.fenced)
     }
 
     // ----- owner side -----
@@ -496,9 +512,12 @@ impl Slot {
                     p.stream = Stream::Streaming;
                 } else {
                     let p = &mut st.progress[idx];
-                    if p.stream != Stream::Syncing || p.since.elapsed() > Duration::from_secs(2) {
+                    if p.stream != Stream::Syncing
+                        || p.sync_asked.is_none_or(|t| t.elapsed() > SYNC_REASK)
+                    {
                         p.stream = Stream::Syncing;
                         p.since = Instant::now();
+                        p.sync_asked = Some(Instant::now());
                         cl.links.send(
                             node,
                             Frame::SyncRequired {
@@ -801,6 +820,7 @@ impl Slot {
                             acked: Lsn::ZERO,
                             stream: Stream::Probing,
                             since: Instant::now(),
+                            sync_asked: None,
                         });
                         probes.push(node);
                     }

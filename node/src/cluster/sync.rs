@@ -86,12 +86,13 @@ pub fn manifest(cl: &Arc<Cluster>, slot: &SlotKey) -> Result<Manifest, ApiError>
     let s = cl.slot(slot);
     let pos = {
         let st = s.lock();
-        // Only a serving owner: while recovering, its applier may not have written every
-        // object's file yet, and a follower deletes what the manifest does not list.
+        // Only a serving (or draining) owner: while recovering, its applier may not have
+        // written every object's file yet, and a follower deletes what the manifest does not
+        // list.
         if !matches!(
             st.role,
             super::slot::Role::Owner {
-                phase: super::slot::Phase::Serving,
+                phase: super::slot::Phase::Serving | super::slot::Phase::Draining,
                 ..
             }
         ) {

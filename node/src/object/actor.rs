@@ -286,7 +286,7 @@ impl Actor {
         handle: &ObjectHandle,
         env: &ObjectEnv,
     ) -> Result<(Vec<u8>, Lsn), ApiError> {
-        let slot = env.cluster.serving_slot(&handle.key)?;
+        let slot = env.cluster.snapshot_slot(&handle.key)?;
         let path = env.db_path(&handle.key);
         if self.db.is_none() && !path.exists() {
             return Err(ApiError::not_found("no_object", "the object holds no data"));
