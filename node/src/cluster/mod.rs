@@ -325,8 +325,6 @@ impl Cluster {
         }
     }
 
-    /// The slot of `key`, if this node serves it now; waits briefly while it is recovering or
-    /// handing off, so a request arriving during a move is not refused needlessly.
     /// The slot of `key` if this node can hand out snapshots of it (see [`Slot::can_snapshot`]).
     pub fn snapshot_slot(self: &Arc<Self>, key: &ObjectKey) -> Result<Arc<Slot>, ApiError> {
         let slot_key = self.slot_key_of(&key.id)?;
@@ -341,6 +339,8 @@ impl Cluster {
         }
     }
 
+    /// The slot of `key`, if this node serves it now; waits briefly while it is recovering or
+    /// handing off, so a request arriving during a move is not refused needlessly.
     pub fn serving_slot(self: &Arc<Self>, key: &ObjectKey) -> Result<Arc<Slot>, ApiError> {
         let slot_key = self.slot_key_of(&key.id)?;
         let slot = self.slot(&slot_key);

@@ -364,19 +364,15 @@ mod tests {
         e.into_bytes()
     }
 
-    /// Writes `records` as the node log in `dir`, the first at log position 0; returns their
-    /// positions.
-    fn write_log(dir: &Path, records: &[(RecordKind, Vec<u8>)]) -> Vec<u64> {
+    /// Writes `records` as the node log in `dir`, the first at log position 0.
+    fn write_log(dir: &Path, records: &[(RecordKind, Vec<u8>)]) {
         fs::create_dir_all(dir).expect("log dir");
         let mut buf = Vec::new();
-        let mut at = Vec::new();
         for (kind, payload) in records {
             let lsn = buf.len() as u64;
-            at.push(lsn);
             encode_record(&mut buf, lsn, *kind, payload);
         }
         fs::write(segment_path(dir, 0), &buf).expect("segment");
-        at
     }
 
     fn checkpoint(object: &ObjectKey, upto: u64) -> (RecordKind, Vec<u8>) {
@@ -429,7 +425,8 @@ mod tests {
         let a = object(1);
         let b = object(2);
         // a's first entry at 0 is checkpointed (marker upto 0); its second is not. b has no
-        // marker. The database file of a already holds page 1 from the checkpoint.
+        // marker. a's file stands for what the checkpoint wrote (pages of 9s): replay must
+        // leave page 1 alone and bring page 2 up to date.
         let first_b = page_set(&b, 1, &[1], 7, 1);
         let records = [
             (RecordKind::PageSet, page_set(&a, 1, &[1, 2], 1, 2)),
