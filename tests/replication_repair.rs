@@ -115,15 +115,21 @@ async fn wait_caught_up(c: &TestCluster, node: usize, obj: &str) {
     }
 }
 
+/// A hand-off request to the control plane; it answers once the owner has handed over (or given
+/// up after its wait, hence the long timeout).
+fn hand_off_request(c: &TestCluster, colo: &str, slot: u32, to: usize) -> reqwest::RequestBuilder {
+    c.client
+        .post(format!("{}/v1/control/handoff", c.control_url))
+        .json(&json!({"colo": colo, "slot": slot, "to": c.nodes[to].name}))
+        .timeout(Duration::from_secs(30))
+}
+
 /// Moves the object's slot to `to` (a follower) through the control plane.
 async fn hand_off(c: &TestCluster, obj: &str, to: usize) {
     let (colo, slot) = slot_of(c, obj).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = c
-            .client
-            .post(format!("{}/v1/control/handoff", c.control_url))
-            .json(&json!({"colo": colo, "slot": slot, "to": c.nodes[to].name}))
+        let r = hand_off_request(c, &colo, slot, to)
             .send()
             .await
             .expect("handoff");
@@ -387,11 +393,7 @@ async fn an_owner_republished_at_a_newer_epoch_after_a_failed_hand_off_serves_ag
     c.proxy
         .blackhole(&c.nodes[owner].name, &c.nodes[target].name);
     put(&c, owner, obj, "k", json!("unseen by the target")).await;
-    let r = c
-        .client
-        .post(format!("{}/v1/control/handoff", c.control_url))
-        .json(&json!({"colo": colo, "slot": slot, "to": c.nodes[target].name}))
-        .timeout(Duration::from_secs(30))
+    let r = hand_off_request(&c, &colo, slot, target)
         .send()
         .await
         .expect("handoff");
@@ -440,12 +442,7 @@ async fn a_hand_off_to_a_follower_that_needs_a_snapshot_sync_completes() {
     for i in 0..600 {
         put(&c, owner, obj, &format!("k{i:03}"), json!(i)).await;
     }
-    let request = c
-        .client
-        .post(format!("{}/v1/control/handoff", c.control_url))
-        .json(&json!({"colo": colo, "slot": slot, "to": c.nodes[target].name}))
-        .timeout(Duration::from_secs(30))
-        .send();
+    let request = hand_off_request(&c, &colo, slot, target).send();
     let handoff = tokio::spawn(request);
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.proxy.heal_all();
