@@ -450,7 +450,15 @@ async fn a_hand_off_to_a_follower_that_needs_a_snapshot_sync_completes() {
     let status = r.status();
     let body = r.text().await.unwrap_or_default();
     assert_eq!(status, 200, "the hand-off finished: {body}");
-    assert_eq!(c.owner_of(obj).await, target);
+    // The nodes learn the new map within moments.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.owner_of(obj).await != target {
+        assert!(
+            Instant::now() < deadline,
+            "the placement never named the target"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(get(&c, target, obj, "seed").await, json!("x"));
     for i in (0..600).step_by(53) {
         assert_eq!(get(&c, target, obj, &format!("k{i:03}")).await, json!(i));
