@@ -322,17 +322,7 @@ async fn measure(d: &Deployment<'_>, w: &Workload, duration: Duration) -> Result
 }
 
 fn line(label: &str, who: &str, s: &Summary) {
-    println!(
-        "  {label:<46} {who:<14} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms{}",
-        s.rps,
-        s.p50,
-        s.p99,
-        if s.errors > 0 {
-            format!("  ({} errors)", s.errors)
-        } else {
-            String::new()
-        }
-    );
+    println!("  {label:<46} {who:<14} {s}");
 }
 
 async fn replication_cost(opts: &Options) -> Result<(), String> {

@@ -233,6 +233,23 @@ pub struct Summary {
     pub errors: u64,
 }
 
+/// `  1234 req/s  p50    0.54 ms  p99    0.86 ms`, then the error count if there were errors; the
+/// throughput column is `width` wide.
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let width = f.width().unwrap_or(9);
+        write!(
+            f,
+            "{:>width$.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+            self.rps, self.p50, self.p99
+        )?;
+        if self.errors > 0 {
+            write!(f, "  ({} errors)", self.errors)?;
+        }
+        Ok(())
+    }
+}
+
 pub fn summarize(runs: &[Stats]) -> Summary {
     Summary {
         rps: median(runs.iter().map(Stats::rps).collect()),

@@ -225,31 +225,9 @@ pub async fn run(opts: Options) -> Result<(), String> {
         }
         let c = summarize(&colony_runs);
         let p = (!peer_runs.is_empty()).then(|| summarize(&peer_runs));
-        println!(
-            "  {:<48} colony {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms{}",
-            w.label,
-            c.rps,
-            c.p50,
-            c.p99,
-            if c.errors > 0 {
-                format!("  ({} errors)", c.errors)
-            } else {
-                String::new()
-            }
-        );
+        println!("  {:<48} colony {c:>9}", w.label);
         if let Some(p) = &p {
-            println!(
-                "  {:<48} workerd {:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms{}",
-                "",
-                p.rps,
-                p.p50,
-                p.p99,
-                if p.errors > 0 {
-                    format!("  ({} errors)", p.errors)
-                } else {
-                    String::new()
-                }
-            );
+            println!("  {:<48} workerd {p:>8}", "");
         }
         table.push((w, c, p));
     }
