@@ -120,6 +120,25 @@ fn node_log_filter() -> String {
     std::env::var("COLONY_BENCH_NODE_LOG").unwrap_or_else(|_| "error".to_string())
 }
 
+/// Starts a `colony-node` subcommand with the cluster log filter and waits until it listens
+/// on `addr`.
+fn spawn_colony(
+    binary: &Path,
+    args: &[std::ffi::OsString],
+    what: &str,
+    addr: SocketAddr,
+) -> Result<Child, String> {
+    let mut child = Command::new(binary)
+        .args(args)
+        .env("RUST_LOG", node_log_filter())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    wait_listening(what, &mut child, addr)?;
+    Ok(child)
+}
+
 /// A local Colony cluster: `colony-node control` and `nodes` nodes on 127.0.0.1, one colo each
 /// (so replicas spread over colos, as in production), all killed when dropped.
 pub struct ColonyCluster {
@@ -142,28 +161,26 @@ impl ColonyCluster {
         let cdir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let cport = free_port().map_err(|e| e.to_string())?;
         let caddr: SocketAddr = ([127, 0, 0, 1], cport).into();
-        let mut child = Command::new(binary)
-            .args([
-                "control",
-                "--listen",
-                &caddr.to_string(),
-                "--region",
-                "bench",
-            ])
-            .args(["--lease", &format!("{}ms", lease.as_millis())])
-            .args([
-                "--replicas",
-                &replicas.to_string(),
-                "--write-quorum",
-                &write_quorum.to_string(),
-            ])
-            .args(["--expect-nodes", &nodes.to_string()])
-            .env("RUST_LOG", node_log_filter())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start the control plane: {e}"))?;
-        wait_listening("colony-node control", &mut child, caddr)?;
+        let child = spawn_colony(
+            binary,
+            &[
+                "control".into(),
+                "--listen".into(),
+                caddr.to_string().into(),
+                "--region".into(),
+                "bench".into(),
+                "--lease".into(),
+                format!("{}ms", lease.as_millis()).into(),
+                "--replicas".into(),
+                replicas.to_string().into(),
+                "--write-quorum".into(),
+                write_quorum.to_string().into(),
+                "--expect-nodes".into(),
+                nodes.to_string().into(),
+            ],
+            "colony-node control",
+            caddr,
+        )?;
         let control = Process {
             child,
             addr: caddr,
@@ -211,16 +228,12 @@ impl ColonyCluster {
     }
 
     fn spawn_node(&self, config: &Path, addr: SocketAddr) -> Result<Child, String> {
-        let mut child = Command::new(&self.binary)
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", node_log_filter())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start a node: {e}"))?;
-        wait_listening("colony-node", &mut child, addr)?;
-        Ok(child)
+        spawn_colony(
+            &self.binary,
+            &["serve".into(), "--config".into(), config.into()],
+            "colony-node",
+            addr,
+        )
     }
 
     /// SIGKILL node `i`.
