@@ -264,23 +264,31 @@ impl ObjectDb {
         if let Ok(mut d) = self.denial.lock() {
             *d = None;
         }
-        self.deadline.store(
-            nanos_since_epoch(Instant::now() + time_limit),
-            Ordering::Relaxed,
-        );
+        if !self.conn.is_autocommit() {
+            // Never expected: a transaction left open would fail every request from now on.
+            tracing::error!(object = %self.key, "a transaction was left open; rolling it back");
+            self.conn.execute_batch("ROLLBACK").map_err(sqlite_err)?;
+        }
+        // The time limit covers the request's own statements only. An interrupted BEGIN may
+        // leave its transaction open, and an interrupted COMMIT may have committed already: a
+        // request would then be reported rolled back (and run again) although it took effect.
         let begun = self
             .conn
             .prepare_cached("/*colony*/ BEGIN IMMEDIATE")
             .and_then(|mut s| s.execute([]));
         if let Err(e) = begun {
-            self.deadline.store(0, Ordering::Relaxed);
             return Err(self.map_error(e));
         }
+        self.deadline.store(
+            nanos_since_epoch(Instant::now() + time_limit),
+            Ordering::Relaxed,
+        );
         let kv_before = self.kv_table;
         let result = {
             let mut tx = Tx { db: self };
             work(&mut tx)
         };
+        self.deadline.store(0, Ordering::Relaxed);
         self.user_mode.store(false, Ordering::Relaxed);
         let committed = result.and_then(|value| {
             match self
@@ -292,7 +300,6 @@ impl ObjectDb {
                 Err(e) => Err(self.map_error(e)),
             }
         });
-        self.deadline.store(0, Ordering::Relaxed);
         match committed {
             Ok(value) => {
                 let pages = self.capture()?;
@@ -559,5 +566,64 @@ impl Tx<'_> {
 
     pub fn db(&mut self) -> &mut ObjectDb {
         self.db
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ObjectId;
+    use crate::object::sql::{self, SqlPlan, SqlRequest};
+
+    fn plan(sql: &str, limits: &Limits) -> SqlPlan {
+        serde_json::from_value::<SqlRequest>(serde_json::json!({ "sql": sql }))
+            .expect("request")
+            .plan(limits)
+            .expect("plan")
+    }
+
+    /// Time limits of every length, down to a few nanoseconds, interrupt the request at every
+    /// point of its transaction. An interrupted request must leave nothing behind: no open
+    /// transaction (which failed every later request of the object with "cannot start a
+    /// transaction within a transaction" once a limit interrupted a cached BEGIN), and no
+    /// effect (an interrupted COMMIT may have committed already).
+    #[test]
+    fn a_request_stopped_by_its_time_limit_leaves_no_transaction_and_no_effect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = Limits::default();
+        let mut db = ObjectDb::open(
+            &dir.path().join("o.db"),
+            ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32])),
+            SlotKey::new("c", 0),
+            &limits,
+        )
+        .expect("open");
+        let long = Duration::from_secs(10);
+        let create = plan(
+            "CREATE TABLE counter(id INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
+            &limits,
+        );
+        db.transaction(long, |tx| sql::execute(tx, &create.statements[0], None))
+            .expect("create");
+        let increment = plan(
+            "INSERT INTO counter(id, n) VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1 RETURNING n",
+            &limits,
+        );
+        let (mut applied, mut interrupted) = (0i64, 0u64);
+        for i in 0..20_000u64 {
+            let limit = Duration::from_nanos(i % 20_000);
+            match db.transaction(limit, |tx| sql::execute(tx, &increment.statements[0], None)) {
+                Ok(_) => applied += 1,
+                Err(e) if e.status == 408 => interrupted += 1,
+                Err(e) => panic!("increment {i} with a limit of {limit:?}: {e:?}"),
+            }
+            assert!(db.conn.is_autocommit(), "a transaction was left open");
+        }
+        assert!(interrupted > 0, "no request was interrupted");
+        let read = plan("SELECT n FROM counter WHERE id = 1", &limits);
+        let result = db
+            .transaction(long, |tx| sql::execute(tx, &read.statements[0], None))
+            .expect("read");
+        assert_eq!(result.value.rows, vec![vec![serde_json::json!(applied)]]);
     }
 }
