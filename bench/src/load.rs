@@ -98,8 +98,14 @@ pub async fn connect(addr: SocketAddr) -> std::io::Result<Sender> {
     Ok(sender)
 }
 
-/// Sends one request (connection `c`'s `i`th) and reads the whole answer; the status code.
-pub async fn send(sender: &mut Sender, target: &Target, c: usize, i: u64) -> Result<u16, String> {
+/// Sends one request (connection `c`'s `i`th) and reads the whole answer; the status code, and
+/// the start of the body when the status is not 200 (to say what went wrong).
+pub async fn send(
+    sender: &mut Sender,
+    target: &Target,
+    c: usize,
+    i: u64,
+) -> Result<(u16, Option<String>), String> {
     let path = (target.path)(c, i);
     let req = Request::builder()
         .method(target.method.clone())
@@ -111,11 +117,17 @@ pub async fn send(sender: &mut Sender, target: &Target, c: usize, i: u64) -> Res
     sender.ready().await.map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    resp.into_body()
+    let body = resp
+        .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(status)
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let detail = (status != 200).then(|| {
+        let text = String::from_utf8_lossy(&body);
+        text.chars().take(300).collect()
+    });
+    Ok((status, detail))
 }
 
 /// Runs `connections` closed loops against `target` for `duration`.
@@ -129,9 +141,10 @@ pub async fn run(target: &Target, connections: usize, duration: Duration) -> Sta
                 let mut hist =
                     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
                 let (mut ok, mut errors) = (0u64, 0u64);
+                let mut first_error = None;
                 let mut sender = match connect(target.addr).await {
                     Ok(s) => s,
-                    Err(_) => return (hist, 0, 1),
+                    Err(e) => return (hist, 0, 1, Some(format!("cannot connect: {e}"))),
                 };
                 let mut i = 0u64;
                 while Instant::now() < deadline {
@@ -139,13 +152,19 @@ pub async fn run(target: &Target, connections: usize, duration: Duration) -> Sta
                     let sent = send(&mut sender, &target, c, i).await;
                     i += 1;
                     match sent {
-                        Ok(200) => {
+                        Ok((200, _)) => {
                             ok += 1;
                             let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
                         }
-                        Ok(_) => errors += 1,
-                        Err(_) => {
+                        Ok((status, body)) => {
                             errors += 1;
+                            first_error.get_or_insert_with(|| {
+                                format!("HTTP {status}: {}", body.unwrap_or_default())
+                            });
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert(e);
                             match connect(target.addr).await {
                                 Ok(s) => sender = s,
                                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -153,19 +172,24 @@ pub async fn run(target: &Target, connections: usize, duration: Duration) -> Sta
                         }
                     }
                 }
-                (hist, ok, errors)
+                (hist, ok, errors, first_error)
             })
         })
         .collect();
     let mut latency =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let (mut ok, mut errors) = (0, 0);
+    let mut first_error = None;
     for t in tasks {
-        if let Ok((h, o, e)) = t.await {
+        if let Ok((h, o, e, first)) = t.await {
             let _ = latency.add(&h);
             ok += o;
             errors += e;
+            first_error = first_error.or(first);
         }
+    }
+    if let Some(e) = &first_error {
+        eprintln!("  {errors} failed requests; the first: {e}");
     }
     Stats {
         ok,
@@ -194,7 +218,7 @@ pub async fn drive(target: &Target, connections: usize, count: u64) -> u64 {
                         return failed;
                     }
                     match send(&mut sender, &target, c, i).await {
-                        Ok(200) => {}
+                        Ok((200, _)) => {}
                         Ok(_) => failed += 1,
                         Err(_) => {
                             failed += 1;

@@ -49,6 +49,9 @@ enum Command {
         /// about 55 objects/s here).
         #[arg(long)]
         peer_rss_objects: Option<u64>,
+        /// Workloads to run, by letter (a-d; comma separated; default all).
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<char>,
     },
     /// Replication: its cost (1 node vs 5 nodes at quorum 3), Colony against a 3-member etcd
     /// cluster on the same write workloads, and failover time after kill -9 of an owner.
@@ -102,6 +105,7 @@ fn main() {
             workerd,
             rss_objects,
             peer_rss_objects,
+            workloads,
         } => runtime.block_on(single::run(single::Options {
             duration: Duration::from_secs(duration),
             runs: runs.max(1),
@@ -112,6 +116,7 @@ fn main() {
             workerd_config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workerd/config.capnp"),
             rss_objects: rss_objects.into_iter().filter(|&n| n > 0).collect(),
             peer_rss_objects,
+            workloads,
         })),
         Command::Cluster {
             duration,

@@ -16,6 +16,8 @@ pub struct Options {
     pub workerd_config: PathBuf,
     pub rss_objects: Vec<u64>,
     pub peer_rss_objects: Option<u64>,
+    /// Letters of the workloads to run (empty: all).
+    pub workloads: Vec<char>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -195,6 +197,10 @@ pub async fn run(opts: Options) -> Result<(), String> {
 
     let mut table = Vec::new();
     for w in WORKLOADS {
+        let letter = w.label.chars().nth(1).unwrap_or('?');
+        if !opts.workloads.is_empty() && !opts.workloads.contains(&letter) {
+            continue;
+        }
         let conns = if w.connections_all {
             opts.connections
         } else {
