@@ -1,9 +1,15 @@
 //! The node log: one append-only, group-committed log for the commits of every object on the node.
 //!
-//! Object databases run with `synchronous=OFF`; this log is their durability point. A dedicated
-//! writer thread takes every record that arrived while the previous fsync ran, writes them with
-//! one `pwrite` and makes them durable with one `fdatasync` — so the cost of an fsync is shared by
-//! all commits waiting for it, whichever objects they belong to.
+//! Object databases run with `synchronous=OFF`; this log is their durability point. Records queue
+//! up while an fsync runs; the next committer takes all of them, writes them with one `pwrite` and
+//! makes them durable with one `fdatasync` — so the cost of an fsync is shared by all commits
+//! waiting for it, whichever objects they belong to.
+//!
+//! The committer is usually the writer thread. An object's thread that has nothing else to do
+//! (its mailbox is empty) may commit its own record instead when no commit is under way
+//! ([`NodeLog::defer_wakeups`], [`Deferred::lead`]): a sequential client then waits for one fsync
+//! and no thread hand-off, which on a virtual machine costs tens of microseconds per wake-up of
+//! an idle CPU. Either way one committer runs at a time, in queue order.
 //!
 //! A segment is retired (recycled as a spare) once every object with a record in it has
 //! checkpointed past that record; the writer publishes which objects hold the oldest segment back
@@ -12,14 +18,15 @@
 use super::record::{ObjectKey, RecordKind, SlotKey, decode_checkpoint};
 use super::segments::{self, encode_record, record_size};
 use crate::metrics::LogMetrics;
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -85,6 +92,9 @@ pub struct LogShared {
     /// Objects holding back the oldest segment (not yet checkpointed past their records in it).
     blockers: Mutex<Vec<ObjectKey>>,
     live_segments: AtomicU64,
+    /// Recent fsync duration (moving average, microseconds): threads only lead a commit
+    /// themselves while fsyncs are quick.
+    fsync_micros: AtomicU64,
 }
 
 impl Default for LogShared {
@@ -95,6 +105,7 @@ impl Default for LogShared {
             retire_limit: AtomicU64::new(0),
             blockers: Mutex::new(Vec::new()),
             live_segments: AtomicU64::new(0),
+            fsync_micros: AtomicU64::new(0),
         }
     }
 }
@@ -122,29 +133,232 @@ impl LogShared {
     }
 }
 
+/// Records waiting for a committer.
+struct Queue {
+    msgs: Vec<Msg>,
+    /// A committer (the writer thread or a leading appender) is at work; it looks at the queue
+    /// again when it is done, so appends meanwhile need not wake anybody.
+    busy: bool,
+    /// The writer thread waits for work.
+    writer_waiting: bool,
+    /// Live `NodeLog` handles; the writer thread exits when none is left and the queue is empty.
+    handles: usize,
+}
+
+/// What the handles and the writer thread share: the queue, and the writer state that only the
+/// current committer touches.
+struct Core {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    writer: Mutex<Writer>,
+}
+
+thread_local! {
+    /// The log (its `Core` address) whose wake-ups this thread defers; 0 for none.
+    static DEFERRING: Cell<usize> = const { Cell::new(0) };
+}
+
+impl Core {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn address(&self) -> usize {
+        self as *const Core as usize
+    }
+
+    fn push(&self, msg: Msg) {
+        let mut q = self.queue();
+        q.msgs.push(msg);
+        let deferred = DEFERRING.with(|d| d.get()) == self.address();
+        if !q.busy && !deferred && q.writer_waiting {
+            drop(q);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes the next batch (at most `MAX_BATCH_BYTES` of payload, at least one message) and
+    /// marks the queue busy. The caller checked that it is not busy and not empty.
+    fn take_batch(q: &mut Queue) -> Vec<Msg> {
+        q.busy = true;
+        let mut bytes = 0usize;
+        let mut n = 0;
+        for m in &q.msgs {
+            if n > 0 && bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+            if let Msg::Append(a) = m {
+                bytes += a.payload.len();
+            }
+            n += 1;
+        }
+        q.msgs.drain(..n).collect()
+    }
+
+    fn commit(&self, batch: &mut Vec<Msg>) {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        writer.commit(batch);
+        writer.reclaim();
+    }
+
+    /// Commits what is queued on this thread unless a committer is at work already (it will
+    /// take the queue next), then hands anything that arrived meanwhile to the writer thread.
+    fn lead(&self) {
+        let mut batch = {
+            let mut q = self.queue();
+            if q.busy || q.msgs.is_empty() {
+                return;
+            }
+            Self::take_batch(&mut q)
+        };
+        // Released even if a completion panics on this (borrowed) thread: a queue left busy
+        // would stop the log.
+        let _release = Release(self);
+        self.commit(&mut batch);
+    }
+
+    /// Wakes the writer thread for whatever is queued, unless a committer is at work already.
+    fn kick(&self) {
+        let q = self.queue();
+        if !q.busy && !q.msgs.is_empty() && q.writer_waiting {
+            drop(q);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The writer thread: commits whatever is queued; reclaims segments when idle.
+    fn run_writer(&self) {
+        let mut q = self.queue();
+        loop {
+            if !q.busy && !q.msgs.is_empty() {
+                let mut batch = Self::take_batch(&mut q);
+                drop(q);
+                self.commit(&mut batch);
+                q = self.queue();
+                q.busy = false;
+                continue;
+            }
+            if q.handles == 0 && q.msgs.is_empty() && !q.busy {
+                return;
+            }
+            q.writer_waiting = true;
+            let (guard, timeout) = self
+                .wake
+                .wait_timeout(q, Duration::from_millis(200))
+                .unwrap_or_else(|p| p.into_inner());
+            q = guard;
+            q.writer_waiting = false;
+            if timeout.timed_out() && !q.busy && q.msgs.is_empty() {
+                q.busy = true;
+                drop(q);
+                self.writer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reclaim();
+                q = self.queue();
+                q.busy = false;
+            }
+        }
+    }
+}
+
+/// Ends a leading appender's commit: the queue is free again, and the writer thread takes
+/// whatever arrived meanwhile.
+struct Release<'a>(&'a Core);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let mut q = self.0.queue();
+        q.busy = false;
+        if !q.msgs.is_empty() && q.writer_waiting {
+            drop(q);
+            self.0.wake.notify_one();
+        }
+    }
+}
+
 /// The handle the node uses to append. Cheap to clone.
-#[derive(Clone)]
 pub struct NodeLog {
-    tx: Sender<Msg>,
+    core: Arc<Core>,
     shared: Arc<LogShared>,
+}
+
+impl Clone for NodeLog {
+    fn clone(&self) -> Self {
+        self.core.queue().handles += 1;
+        NodeLog {
+            core: self.core.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for NodeLog {
+    fn drop(&mut self) {
+        let mut q = self.core.queue();
+        q.handles -= 1;
+        if q.handles == 0 {
+            drop(q);
+            self.core.wake.notify_one();
+        }
+    }
+}
+
+/// While alive, appends by this thread wake no committer: the thread will commit them itself
+/// ([`Deferred::lead`]) or, when dropped, wake the writer thread for them.
+pub struct Deferred<'a> {
+    core: &'a Core,
+    shared: &'a LogShared,
+    previous: usize,
+}
+
+/// Threads lead commits only while fsyncs take less than this; when the disk is slow, waiting
+/// for it is the writer thread's job.
+const LEAD_MAX_FSYNC_MICROS: u64 = 2_000;
+
+impl Deferred<'_> {
+    /// Commits the queued records on this thread (fsync included, completions run here) unless
+    /// a commit is under way already or fsyncs are slow. For threads that would otherwise only
+    /// wait.
+    pub fn lead(self) {
+        if self.shared.fsync_micros.load(Ordering::Relaxed) > LEAD_MAX_FSYNC_MICROS {
+            return; // dropped: wakes the writer thread
+        }
+        DEFERRING.with(|d| d.set(self.previous));
+        self.core.lead();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Deferred<'_> {
+    fn drop(&mut self) {
+        DEFERRING.with(|d| d.set(self.previous));
+        self.core.kick();
+    }
 }
 
 impl NodeLog {
     pub fn append(&self, append: Append) {
-        if let Err(mpsc::SendError(Msg::Append(a))) = self.tx.send(Msg::Append(append)) {
-            (a.done)(Err(LogError::Closed));
-        }
+        self.core.push(Msg::Append(append));
     }
 
     pub fn barrier(&self, done: Completion) {
-        if let Err(mpsc::SendError(Msg::Barrier(d))) = self.tx.send(Msg::Barrier(done)) {
-            d(Err(LogError::Closed));
-        }
+        self.core.push(Msg::Barrier(done));
     }
 
     /// Refuses all further entries of the slot with generation `<= fence.generation`.
     pub fn fence(&self, fence: Fence) {
-        let _ = self.tx.send(Msg::Fence(fence));
+        self.core.push(Msg::Fence(fence));
+    }
+
+    /// Defers the wake-ups of this thread's appends until the returned guard leads or drops.
+    pub fn defer_wakeups(&self) -> Deferred<'_> {
+        let previous = DEFERRING.with(|d| d.replace(self.core.address()));
+        Deferred {
+            core: &self.core,
+            shared: &self.shared,
+            previous,
+        }
     }
 
     pub fn shared(&self) -> &Arc<LogShared> {
@@ -328,8 +542,7 @@ pub fn start(
     let shared = Arc::new(LogShared::default());
     shared.durable_lsn.store(start_lsn, Ordering::Release);
     shared.live_segments.store(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel();
-    let mut writer = Writer {
+    let writer = Writer {
         dir: dir.to_path_buf(),
         segment_bytes,
         file,
@@ -348,15 +561,26 @@ pub fn start(
         buf: Vec::with_capacity(1 << 20),
         last_blocker_scan: Instant::now(),
     };
+    let core = Arc::new(Core {
+        queue: Mutex::new(Queue {
+            msgs: Vec::new(),
+            busy: false,
+            writer_waiting: false,
+            handles: 1,
+        }),
+        wake: Condvar::new(),
+        writer: Mutex::new(writer),
+    });
+    let writer_core = core.clone();
     let writer_thread = std::thread::Builder::new()
         .name("colony-log".into())
-        .spawn(move || writer.run(rx))?;
+        .spawn(move || writer_core.run_writer())?;
     let preparer_spares = spares.clone();
     let preparer = std::thread::Builder::new()
         .name("colony-log-spares".into())
         .spawn(move || preparer_spares.run())?;
     Ok(LogRunner {
-        log: Some(NodeLog { tx, shared }),
+        log: Some(NodeLog { core, shared }),
         writer: Some(writer_thread),
         spares,
         preparer: Some(preparer),
@@ -396,34 +620,6 @@ struct Unflushed {
 }
 
 impl Writer {
-    fn run(&mut self, rx: Receiver<Msg>) {
-        let mut batch: Vec<Msg> = Vec::new();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(first) => batch.push(first),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.reclaim();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            let mut bytes = 0usize;
-            while bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        if let Msg::Append(a) = &m {
-                            bytes += a.payload.len();
-                        }
-                        batch.push(m);
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.commit(&mut batch);
-            self.reclaim();
-        }
-    }
-
     fn current(&self) -> &Segment {
         match self.segments.back() {
             Some(s) => s,
@@ -547,9 +743,13 @@ impl Writer {
             std::process::abort();
         }
         self.shared.healthy.store(true, Ordering::Release);
-        self.metrics
-            .fsync_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        let micros = took.as_micros().min(u64::MAX as u128) as u64;
+        let average = self.shared.fsync_micros.load(Ordering::Relaxed);
+        self.shared
+            .fsync_micros
+            .store((average * 7 + micros) / 8, Ordering::Relaxed);
+        self.metrics.fsync_seconds.observe(took.as_secs_f64());
         self.metrics.fsyncs.inc();
         self.metrics.bytes.inc_by(self.buf.len() as u64);
         self.metrics
@@ -647,6 +847,150 @@ impl Writer {
             && let Ok(mut b) = self.shared.blockers.lock()
         {
             b.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ObjectId;
+    use crate::storage::recovery;
+    use std::collections::BTreeMap;
+
+    fn object(n: u8) -> ObjectKey {
+        ObjectKey::new("ns".into(), ObjectId::from_bytes([n; 32]))
+    }
+
+    /// Threads that lead their own commits and threads that leave them to the writer thread
+    /// append at once, across segment switches: every record completes durably, each thread's
+    /// records keep their order, and the log on disk holds exactly what was acknowledged.
+    #[test]
+    fn leading_appenders_and_the_writer_thread_commit_everything_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        // Small segments: commits by leaders switch segments too.
+        let runner = start(dir.path(), 64 << 10, 0, metrics.log.clone()).expect("start");
+        let log = runner.log();
+        let (tx, rx) = mpsc::channel::<(u8, u32, bool, Result<u64, LogError>)>();
+        const PER_THREAD: u32 = 400;
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let log = log.clone();
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let me = std::thread::current().id();
+                    for i in 0..PER_THREAD {
+                        let payload = format!("thread {t} record {i}").repeat(20);
+                        let tx = tx.clone();
+                        let deferred = log.defer_wakeups();
+                        log.append(Append {
+                            kind: RecordKind::PageSet,
+                            object: object(t),
+                            fence: None,
+                            payload: payload.into_bytes().into(),
+                            done: Box::new(move |r| {
+                                let own = std::thread::current().id() == me;
+                                let _ = tx.send((t, i, own, r));
+                            }),
+                        });
+                        // Threads 0 and 1 lead; 2 and 3 wake the writer thread.
+                        if t < 2 {
+                            deferred.lead();
+                        } else {
+                            drop(deferred);
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        for t in threads {
+            t.join().expect("appender");
+        }
+        let mut acknowledged: BTreeMap<u64, (u8, u32)> = BTreeMap::new();
+        let mut last: HashMap<u8, u64> = HashMap::new();
+        let mut led = [0u32; 4];
+        for _ in 0..4 * PER_THREAD {
+            let (t, i, own, r) = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("every append completes");
+            let lsn = r.expect("durable");
+            assert!(
+                last.get(&t).is_none_or(|&prev| prev < lsn),
+                "thread {t}'s record {i} at {lsn} is not after its previous one"
+            );
+            last.insert(t, lsn);
+            if own {
+                led[usize::from(t)] += 1;
+            }
+            assert!(
+                acknowledged.insert(lsn, (t, i)).is_none(),
+                "LSN {lsn} twice"
+            );
+        }
+        assert!(
+            led[0] + led[1] > 0,
+            "the leading threads committed some records themselves"
+        );
+        assert_eq!(led[2] + led[3], 0, "the others never commit");
+        assert!(log.shared().durable_lsn() > *acknowledged.keys().last().expect("records"));
+        assert!(metrics.log.segments.get() > 1, "segments switched");
+        drop(log);
+        drop(runner);
+
+        let mut on_disk: BTreeMap<u64, String> = BTreeMap::new();
+        recovery::scan(dir.path(), u64::MAX, |lsn, _, payload| {
+            on_disk.insert(lsn, String::from_utf8_lossy(payload).into_owned());
+            Ok(())
+        })
+        .expect("scan");
+        assert_eq!(on_disk.len(), acknowledged.len());
+        for (lsn, (t, i)) in acknowledged {
+            assert_eq!(
+                on_disk.get(&lsn),
+                Some(&format!("thread {t} record {i}").repeat(20)),
+                "record at {lsn}"
+            );
+        }
+    }
+
+    /// A thread that defers its wake-ups and then does not lead still gets its record committed
+    /// (the guard wakes the writer thread when dropped), and so does one whose fsyncs are slow.
+    #[test]
+    fn a_deferred_append_that_is_not_led_is_committed_by_the_writer_thread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        let runner = start(dir.path(), 64 << 10, 0, metrics.log.clone()).expect("start");
+        let log = runner.log();
+        for slow_disk in [false, true] {
+            if slow_disk {
+                log.shared
+                    .fsync_micros
+                    .store(LEAD_MAX_FSYNC_MICROS + 1, Ordering::Relaxed);
+            }
+            let (tx, rx) = mpsc::channel();
+            let deferred = log.defer_wakeups();
+            log.append(Append {
+                kind: RecordKind::PageSet,
+                object: object(9),
+                fence: None,
+                payload: bytes::Bytes::from_static(b"page set"),
+                done: Box::new(move |r| {
+                    let _ = tx.send((std::thread::current().id(), r));
+                }),
+            });
+            let here = std::thread::current().id();
+            if slow_disk {
+                deferred.lead();
+            } else {
+                drop(deferred);
+            }
+            let (committer, result) = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the append completes");
+            assert!(result.is_ok());
+            assert_ne!(committer, here, "the writer thread committed it");
         }
     }
 }
