@@ -50,6 +50,11 @@ pub struct ObjectMetrics {
     pub evictions: Counter,
     pub checkpoints: Counter,
     pub resets: Counter,
+    /// Requests run on the async thread that received them (object idle, within the budget).
+    pub inline: Counter,
+    /// Requests that outran the inline budget, were rolled back and ran again on a blocking
+    /// thread.
+    pub inline_reruns: Counter,
 }
 
 #[derive(Clone, Default)]
@@ -135,6 +140,8 @@ impl Metrics {
             evictions: Counter::default(),
             checkpoints: Counter::default(),
             resets: Counter::default(),
+            inline: Counter::default(),
+            inline_reruns: Counter::default(),
         };
         registry.register(
             "objects_active",
@@ -170,6 +177,16 @@ impl Metrics {
             "object_checkpoints",
             "Object WAL checkpoints",
             objects.checkpoints.clone(),
+        );
+        registry.register(
+            "object_requests_inline",
+            "Requests run on the thread that received them (their object idle), without a hand-off to a blocking thread",
+            objects.inline.clone(),
+        );
+        registry.register(
+            "object_requests_inline_reruns",
+            "Requests that outran the inline time budget, were rolled back and ran again on a blocking thread",
+            objects.inline_reruns.clone(),
         );
         registry.register(
             "object_resets",

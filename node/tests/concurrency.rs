@@ -128,6 +128,46 @@ async fn a_runaway_statement_is_stopped_rolls_back_and_blocks_only_its_own_objec
     );
 }
 
+/// A request to an idle object first runs on the thread that received it, within a budget of
+/// about a millisecond; one that takes longer is rolled back there and runs again on a blocking
+/// thread with its full time limit. It must take effect exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_longer_than_the_inline_budget_runs_again_and_takes_effect_once() {
+    let node = TestNode::serve(CONFIG).await;
+    node.sql("long", "CREATE TABLE t(x INTEGER)", json!([]))
+        .await;
+    // Once open, the object is idle between requests: short ones run inline.
+    for i in 0..5 {
+        let (s, v) = node
+            .sql("long", "INSERT INTO t VALUES (?)", json!([i]))
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert!(node.metric("colony_object_requests_inline_total").await >= 4.0);
+    let reruns_before = node
+        .metric("colony_object_requests_inline_reruns_total")
+        .await;
+
+    // Tens of milliseconds of work: far past the inline budget, well within the 1 s limit.
+    let (s, v) = node
+        .sql(
+            "long",
+            "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) SELECT x FROM c",
+            json!([]),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["rowsWritten"], json!(100_000));
+    assert_eq!(
+        node.metric("colony_object_requests_inline_reruns_total")
+            .await,
+        reruns_before + 1.0,
+        "the long request ran past the inline budget and ran again"
+    );
+    let (_, v) = node.sql("long", "SELECT count(*) FROM t", json!([])).await;
+    assert_eq!(v["rows"], json!([[100_005]]), "inserted exactly once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn different_objects_run_at_the_same_time() {
     let node = TestNode::serve(CONFIG).await;

@@ -371,6 +371,12 @@ impl Cluster {
         }
     }
 
+    /// The slot of `key` if this node serves it at this moment; never waits.
+    pub fn serving_slot_now(self: &Arc<Self>, key: &ObjectKey) -> Option<Arc<Slot>> {
+        let slot = self.slot(&self.slot_key_of(&key.id).ok()?);
+        (slot.serving() && self.lease.valid()).then_some(slot)
+    }
+
     /// Applies a newer placement map: roles of every slot this node is in (or was in).
     pub fn apply_placement(self: &Arc<Self>, map: PlacementMap) {
         let current = self.placement();

@@ -172,7 +172,7 @@ async fn dispatch(
                     Ok(r) => r,
                     Err(e) => return e.into_response(),
                 };
-                let reply = node.objects.call(&ns, id, request).await;
+                let reply = node.objects.call(&ns, id, request, bytes.len()).await;
                 // Ownership moved between routing and execution: route again, once.
                 if attempt == 0
                     && let Err(e) = &reply
