@@ -238,7 +238,8 @@ async fn kills_pauses_and_partitions_lose_no_acknowledged_write_and_stay_lineari
             .send()
             .await
             .expect("create");
-        assert_eq!(r.status(), 200);
+        let status = r.status();
+        assert_eq!(status, 200, "{}", r.text().await.unwrap_or_default());
     }
     let urls: Arc<Vec<String>> = Arc::new((0..c.nodes.len()).map(|i| c.url(i, "")).collect());
     let w = Arc::new(Workload {

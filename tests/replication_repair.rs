@@ -275,32 +275,43 @@ async fn an_explicit_hand_off_moves_ownership_without_losing_writes() {
         .send()
         .await
         .expect("create");
-    assert_eq!(r.status(), 200);
+    let status = r.status();
+    assert_eq!(status, 200, "{}", r.text().await.unwrap_or_default());
     let from = c.owner_of(obj).await;
     let to = a_follower(&c, obj).await;
     // Increments keep coming while the slot moves.
     let client = c.client.clone();
     let urls: Vec<String> = (0..3).map(url).collect();
     let writer = tokio::spawn(async move {
-        let mut acked = 0u64;
+        let (mut acked, mut sent) = (0u64, 0usize);
+        let mut refused = Vec::new();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(4) {
             let r = client
-                .post(&urls[acked as usize % 3])
+                .post(&urls[sent % 3])
                 .json(&json!({"sql": "INSERT INTO c VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1 RETURNING n"}))
                 .send()
                 .await;
-            if let Ok(r) = r
-                && r.status().is_success()
-            {
-                acked += 1;
+            sent += 1;
+            if let Ok(r) = r {
+                if r.status().is_success() {
+                    acked += 1;
+                } else {
+                    refused.push(r.text().await.unwrap_or_default());
+                }
             }
         }
-        acked
+        (acked, refused)
     });
     tokio::time::sleep(Duration::from_millis(800)).await;
     hand_off(&c, obj, to).await;
-    let acked = writer.await.expect("writer");
+    let (acked, refused) = writer.await.expect("writer");
+    // Requests meeting the move wait for it (the draining owner holds them, the other nodes
+    // route them again) rather than bounce back to the client.
+    assert!(
+        !refused.iter().any(|body| body.contains("not_owner")),
+        "requests refused during the hand-off: {refused:?}"
+    );
     assert_ne!(from, to);
     assert_eq!(c.owner_of(obj).await, to);
     let v: Value = c

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The routes under one object prefix (`{id}` or `{name}` form).
 pub fn routes(prefix: &str) -> Router<AppState> {
@@ -95,14 +95,21 @@ impl<S: Send + Sync> FromRequestParts<S> for Incoming {
     }
 }
 
-/// Sends the request on to the object's owner and relays its answer.
-async fn forward(node: &AppState, address: &str, inc: &Incoming, body: Bytes) -> Response {
+/// How long a request that meets ownership on the move — an owner that has not learned the
+/// newest placement yet, or a new owner still recovering — is routed again before the client
+/// gets the `not_owner` error. Safe: `not_owner` means the request was applied nowhere.
+const MOVING_OWNERSHIP_WAIT: Duration = Duration::from_secs(3);
+const REROUTE_PAUSE: Duration = Duration::from_millis(25);
+
+/// Sends the request on to the object's owner and relays its answer; also says whether the
+/// answer was `not_owner` (the request was not applied; route again).
+async fn forward(node: &AppState, address: &str, inc: &Incoming, body: Bytes) -> (Response, bool) {
     if inc.forwarded {
-        return ApiError::unavailable(
+        let refusal = ApiError::unavailable(
             "not_owner",
             "the request was forwarded to a node that does not own the object (ownership is moving); retry",
-        )
-        .into_response();
+        );
+        return (refusal.into_response(), true);
     }
     node.metrics.replication.forwarded.inc();
     let url = format!("http://{address}{}", inc.path_and_query);
@@ -119,19 +126,24 @@ async fn forward(node: &AppState, address: &str, inc: &Incoming, body: Bytes) ->
         .await
     {
         Ok(resp) => {
+            let not_owner = resp.status == StatusCode::SERVICE_UNAVAILABLE
+                && serde_json::from_slice::<serde_json::Value>(&resp.body)
+                    .is_ok_and(|v| v["error"]["code"] == "not_owner");
             let mut out = Response::new(Body::from(resp.body));
             *out.status_mut() = resp.status;
             if let Some(ct) = resp.headers.get(axum::http::header::CONTENT_TYPE) {
                 out.headers_mut()
                     .insert(axum::http::header::CONTENT_TYPE, ct.clone());
             }
-            out
+            (out, not_owner)
         }
-        Err(e) => ApiError::unavailable(
-            "owner_unreachable",
-            format!("the object's owner did not answer: {e}"),
-        )
-        .into_response(),
+        Err(e) => {
+            let unreachable = ApiError::unavailable(
+                "owner_unreachable",
+                format!("the object's owner did not answer: {e}"),
+            );
+            (unreachable.into_response(), false)
+        }
     }
 }
 
@@ -156,10 +168,17 @@ async fn dispatch(
         None => Bytes::new(),
     };
     let mut build = Some(build);
-    for attempt in 0..2 {
+    let deadline = Instant::now() + MOVING_OWNERSHIP_WAIT;
+    loop {
         match node.cluster.route(&id) {
             Err(e) => return e.into_response(),
-            Ok(Route::Remote { address, .. }) => return forward(node, &address, &inc, bytes).await,
+            Ok(Route::Remote { address, .. }) => {
+                let (response, not_owner) = forward(node, &address, &inc, bytes.clone()).await;
+                if !not_owner || inc.forwarded || Instant::now() >= deadline {
+                    return response;
+                }
+                tokio::time::sleep(REROUTE_PAUSE).await;
+            }
             Ok(Route::Local(_)) => {
                 let Some(build) = build.take() else {
                     return ApiError::unavailable(
@@ -173,10 +192,10 @@ async fn dispatch(
                     Err(e) => return e.into_response(),
                 };
                 let reply = node.objects.call(&ns, id, request, bytes.len()).await;
-                // Ownership moved between routing and execution: route again, once.
-                if attempt == 0
-                    && let Err(e) = &reply
+                // Ownership moved between routing and execution: forward to the new owner.
+                if let Err(e) = &reply
                     && e.code == "not_owner"
+                    && Instant::now() < deadline
                     && !matches!(node.cluster.route(&id), Ok(Route::Local(_)))
                 {
                     continue;
@@ -185,7 +204,6 @@ async fn dispatch(
             }
         }
     }
-    ApiError::unavailable("not_owner", "ownership of the object is moving; retry").into_response()
 }
 
 async fn call(
