@@ -7,6 +7,7 @@ use crate::cluster::links::UPGRADE_PROTOCOL;
 use crate::cluster::sync::{self, SNAPSHOT_LSN_HEADER};
 use crate::cluster::wire::Frame;
 use crate::error::ApiError;
+use crate::lsn::Lsn;
 use crate::storage::record::{Entry, ObjectKey, SlotKey};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -49,6 +50,36 @@ pub async fn replicate(State(node): State<AppState>, req: Request) -> Response {
     resp
 }
 
+/// Acknowledgements queued together go out as one per slot, its newest: an ack says "durable
+/// up to here", so the later one says all the earlier ones do. A log commit completes many
+/// entries at once; without this, a follower sent (and the owner processed) one ack for each.
+/// Only consecutive acks merge: any other frame first sends the acks before it, in order.
+#[derive(Default)]
+struct AckRun {
+    newest: Vec<(SlotKey, Lsn)>,
+}
+
+impl AckRun {
+    fn encode(&mut self, frame: Frame, out: &mut BytesMut) {
+        match frame {
+            Frame::Ack { slot, lsn } => match self.newest.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, newest)) => *newest = (*newest).max(lsn),
+                None => self.newest.push((slot, lsn)),
+            },
+            other => {
+                self.flush(out);
+                other.encode(out);
+            }
+        }
+    }
+
+    fn flush(&mut self, out: &mut BytesMut) {
+        for (slot, lsn) in self.newest.drain(..) {
+            Frame::Ack { slot, lsn }.encode(out);
+        }
+    }
+}
+
 async fn serve_stream<S>(cl: Arc<Cluster>, io: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -57,14 +88,16 @@ where
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Frame>();
     let writer_task = tokio::spawn(async move {
         let mut out = BytesMut::new();
+        let mut acks = AckRun::default();
         while let Some(f) = rx.recv().await {
-            f.encode(&mut out);
+            acks.encode(f, &mut out);
             while out.len() < (1 << 20) {
                 match rx.try_recv() {
-                    Ok(f) => f.encode(&mut out),
+                    Ok(f) => acks.encode(f, &mut out),
                     Err(_) => break,
                 }
             }
+            acks.flush(&mut out);
             if writer.write_all(&out).await.is_err() {
                 return;
             }
@@ -146,4 +179,43 @@ pub async fn snapshot(
         HeaderValue::from_static("application/vnd.sqlite3"),
     );
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(slot: &SlotKey, seq: u64) -> Frame {
+        Frame::Ack {
+            slot: slot.clone(),
+            lsn: Lsn::new(1, seq),
+        }
+    }
+
+    #[test]
+    fn a_run_of_acks_goes_out_as_the_newest_per_slot_and_other_frames_keep_their_place() {
+        let (a, b) = (SlotKey::new("c", 1), SlotKey::new("c", 2));
+        let probe = Frame::Probe {
+            slot: a.clone(),
+            epoch: 1,
+        };
+        let mut run = AckRun::default();
+        let mut out = BytesMut::new();
+        for f in [
+            ack(&a, 1),
+            ack(&b, 5),
+            ack(&a, 3),
+            ack(&a, 2),
+            probe.clone(),
+            ack(&a, 4),
+        ] {
+            run.encode(f, &mut out);
+        }
+        run.flush(&mut out);
+        let mut sent = Vec::new();
+        while let Some(f) = Frame::decode(&mut out).expect("decodes") {
+            sent.push(f);
+        }
+        assert_eq!(sent, vec![ack(&a, 3), ack(&b, 5), probe, ack(&a, 4)]);
+    }
 }
