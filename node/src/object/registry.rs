@@ -224,9 +224,10 @@ impl Objects {
 
     /// Runs `job` on this (async) thread when its object is idle — nothing queued, no thread
     /// running it, database open — and it finishes within the inline budget; otherwise queues it
-    /// for a blocking thread, or gives it back when the object was not idle. Saves two thread hand-offs per request (to a blocking thread and back), which on
-    /// these machines cost more than a short statement. Only on a multi-threaded runtime, whose
-    /// other workers keep serving while this one runs SQLite.
+    /// for a blocking thread, or gives it back when the object was not idle. Saves two thread
+    /// hand-offs per request (to a blocking thread and back), which on these machines cost more
+    /// than a short statement. Only on a multi-threaded runtime, whose other workers keep serving
+    /// while this one runs SQLite.
     fn run_inline(&self, ns: &Arc<Namespace>, id: ObjectId, job: Job) -> Option<Job> {
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);

@@ -5,8 +5,8 @@
 //! makes them durable with one `fdatasync` — so the cost of an fsync is shared by all commits
 //! waiting for it, whichever objects they belong to.
 //!
-//! The committer is usually the writer thread. An object's thread that has nothing else to do
-//! (its mailbox is empty) may commit its own record instead when no commit is under way
+//! The committer is usually the writer thread. The thread of a lone request (nothing else in
+//! flight on the node) may commit its own record instead when no commit is under way
 //! ([`NodeLog::defer_wakeups`], [`Deferred::lead`]): a sequential client then waits for one fsync
 //! and no thread hand-off, which on a virtual machine costs tens of microseconds per wake-up of
 //! an idle CPU. Either way one committer runs at a time, in queue order.
@@ -396,7 +396,7 @@ impl Drop for LogRunner {
     fn drop(&mut self) {
         self.log = None;
         self.spares.stop();
-        // The writer exits when every sender is gone; handles held elsewhere may outlive us, in
+        // The writer exits when every handle is gone; handles held elsewhere may outlive us, in
         // which case the thread is detached and ends with the process.
         if let Some(p) = self.preparer.take() {
             let _ = p.join();
