@@ -192,13 +192,19 @@ async fn dispatch(
                     Err(e) => return e.into_response(),
                 };
                 let reply = node.objects.call(&ns, id, request, bytes.len()).await;
-                // Ownership moved between routing and execution: forward to the new owner.
+                // Ownership moved between routing and execution: forward to the new owner once
+                // this node's placement names it (it may lag behind the move).
                 if let Err(e) = &reply
                     && e.code == "not_owner"
-                    && Instant::now() < deadline
-                    && !matches!(node.cluster.route(&id), Ok(Route::Local(_)))
                 {
-                    continue;
+                    while Instant::now() < deadline
+                        && matches!(node.cluster.route(&id), Ok(Route::Local(_)))
+                    {
+                        tokio::time::sleep(REROUTE_PAUSE).await;
+                    }
+                    if Instant::now() < deadline {
+                        continue;
+                    }
                 }
                 return respond(reply);
             }
