@@ -193,9 +193,11 @@ async fn dispatch(
                 };
                 let reply = node.objects.call(&ns, id, request, bytes.len()).await;
                 // Ownership moved between routing and execution: forward to the new owner once
-                // this node's placement names it (it may lag behind the move).
+                // this node's placement names it (it may lag behind the move). A forwarded request
+                // is refused at once instead: the node that forwarded it routes it again.
                 if let Err(e) = &reply
                     && e.code == "not_owner"
+                    && !inc.forwarded
                 {
                     while Instant::now() < deadline
                         && matches!(node.cluster.route(&id), Ok(Route::Local(_)))
