@@ -582,6 +582,39 @@ mod tests {
             .expect("plan")
     }
 
+    fn open_db(dir: &Path) -> ObjectDb {
+        ObjectDb::open(
+            &dir.join("o.db"),
+            ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32])),
+            SlotKey::new("c", 0),
+            &Limits::default(),
+        )
+        .expect("open")
+    }
+
+    /// Defence in depth: a transaction somehow left open is rolled back (its writes gone)
+    /// before the next request, which then runs normally instead of failing forever.
+    #[test]
+    fn a_transaction_left_open_is_rolled_back_before_the_next_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = Limits::default();
+        let mut db = open_db(dir.path());
+        let long = Duration::from_secs(10);
+        let create = plan("CREATE TABLE t(x INTEGER)", &limits);
+        db.transaction(long, |tx| sql::execute(tx, &create.statements[0], None))
+            .expect("create");
+        db.conn
+            .execute_batch("BEGIN; INSERT INTO t VALUES (1);")
+            .expect("leave a transaction open");
+        assert!(!db.conn.is_autocommit());
+        let count = plan("SELECT count(*) FROM t", &limits);
+        let result = db
+            .transaction(long, |tx| sql::execute(tx, &count.statements[0], None))
+            .expect("the next request runs");
+        assert_eq!(result.value.rows, vec![vec![serde_json::json!(0)]]);
+        assert!(db.conn.is_autocommit());
+    }
+
     /// Time limits of every length, down to a few nanoseconds, interrupt the request at every
     /// point of its transaction. An interrupted request must leave nothing behind: no open
     /// transaction (which failed every later request of the object with "cannot start a
@@ -591,13 +624,7 @@ mod tests {
     fn a_request_stopped_by_its_time_limit_leaves_no_transaction_and_no_effect() {
         let dir = tempfile::tempdir().expect("tempdir");
         let limits = Limits::default();
-        let mut db = ObjectDb::open(
-            &dir.path().join("o.db"),
-            ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32])),
-            SlotKey::new("c", 0),
-            &limits,
-        )
-        .expect("open");
+        let mut db = open_db(dir.path());
         let long = Duration::from_secs(10);
         let create = plan(
             "CREATE TABLE counter(id INTEGER PRIMARY KEY, n INTEGER NOT NULL)",

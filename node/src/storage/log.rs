@@ -862,6 +862,17 @@ mod tests {
         ObjectKey::new("ns".into(), ObjectId::from_bytes([n; 32]))
     }
 
+    /// A page-set record of object `n`, outside any slot.
+    fn page_set(n: u8, payload: bytes::Bytes, done: Completion) -> Append {
+        Append {
+            kind: RecordKind::PageSet,
+            object: object(n),
+            fence: None,
+            payload,
+            done,
+        }
+    }
+
     /// Threads that lead their own commits and threads that leave them to the writer thread
     /// append at once, across segment switches: every record completes durably, each thread's
     /// records keep their order, and the log on disk holds exactly what was acknowledged.
@@ -884,16 +895,14 @@ mod tests {
                         let payload = format!("thread {t} record {i}").repeat(20);
                         let tx = tx.clone();
                         let deferred = log.defer_wakeups();
-                        log.append(Append {
-                            kind: RecordKind::PageSet,
-                            object: object(t),
-                            fence: None,
-                            payload: payload.into_bytes().into(),
-                            done: Box::new(move |r| {
+                        log.append(page_set(
+                            t,
+                            payload.into_bytes().into(),
+                            Box::new(move |r| {
                                 let own = std::thread::current().id() == me;
                                 let _ = tx.send((t, i, own, r));
                             }),
-                        });
+                        ));
                         // Threads 0 and 1 lead; 2 and 3 wake the writer thread.
                         if t < 2 {
                             deferred.lead();
@@ -971,15 +980,13 @@ mod tests {
             }
             let (tx, rx) = mpsc::channel();
             let deferred = log.defer_wakeups();
-            log.append(Append {
-                kind: RecordKind::PageSet,
-                object: object(9),
-                fence: None,
-                payload: bytes::Bytes::from_static(b"page set"),
-                done: Box::new(move |r| {
+            log.append(page_set(
+                9,
+                bytes::Bytes::from_static(b"page set"),
+                Box::new(move |r| {
                     let _ = tx.send((std::thread::current().id(), r));
                 }),
-            });
+            ));
             let here = std::thread::current().id();
             if slow_disk {
                 deferred.lead();
