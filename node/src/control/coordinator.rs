@@ -583,23 +583,35 @@ impl Coordinator {
         self.admin.handoff(address, colo, slot, to, epoch).await
     }
 
-    /// Publishes a new replica set for one slot, chosen by an explicit hand-off: balancing leaves
-    /// it alone until its owner fails.
-    pub fn replace_slot(&self, colo: &str, slot: u32, replicas: SlotReplicas) {
+    /// Publishes a new replica set for one slot, chosen by an explicit hand-off that started
+    /// from `from` — only if the slot still has that owner and epoch (false otherwise: it failed
+    /// over meanwhile). Balancing leaves the slot alone until its owner fails.
+    pub fn replace_slot(
+        &self,
+        colo: &str,
+        slot: u32,
+        from: &SlotReplicas,
+        replicas: SlotReplicas,
+    ) -> bool {
         let mut st = self.lock();
-        st.pinned.insert((colo.to_string(), slot));
         let mut next = (*st.map).clone();
-        if let Some(s) = next
+        let Some(s) = next
             .colos
             .get_mut(colo)
             .and_then(|c| c.slots.get_mut(slot as usize))
-        {
-            *s = replicas;
-            st.fenced.remove(&(colo.to_string(), slot));
-            self.handoffs
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.publish(&mut st, next);
+        else {
+            return false;
+        };
+        if s.owner != from.owner || s.epoch != from.epoch {
+            return false;
         }
+        *s = replicas;
+        st.pinned.insert((colo.to_string(), slot));
+        st.fenced.remove(&(colo.to_string(), slot));
+        self.handoffs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish(&mut st, next);
+        true
     }
 
     /// Notes that the owner of a slot may fence itself at `epoch` (a hand-off under way).
@@ -754,5 +766,120 @@ mod tests {
             died.elapsed()
         );
         assert!(c.status().failovers > 0);
+    }
+
+    /// Node admin API whose hand-offs finish (successfully) once the test releases them.
+    #[derive(Default)]
+    struct HandoffsWait {
+        released: std::sync::atomic::AtomicBool,
+    }
+
+    impl NodeAdmin for HandoffsWait {
+        fn fence<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+            epoch: u64,
+        ) -> BoxFuture<'a, Result<Lsn, String>> {
+            Box::pin(async move { Ok(Lsn::new(epoch - 1, 7)) })
+        }
+        fn handoff<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+            _: &'a str,
+            epoch: u64,
+        ) -> BoxFuture<'a, Result<Lsn, String>> {
+            Box::pin(async move {
+                while !self.released.load(std::sync::atomic::Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(Lsn::new(epoch - 1, 7))
+            })
+        }
+        fn status<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+        ) -> BoxFuture<'a, Result<SlotStatus, String>> {
+            Box::pin(async { Err("not used".to_string()) })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_off_overtaken_by_a_failover_is_not_published() {
+        let lease = Duration::from_secs(1);
+        let admin = Arc::new(HandoffsWait::default());
+        let c = Coordinator::new(
+            CoordinatorConfig {
+                region: "r".to_string(),
+                lease,
+                slot_count: 12,
+                replicas: 3,
+                write_quorum: 2,
+                expect_nodes: 3,
+                state_file: None,
+            },
+            admin.clone(),
+        );
+        tokio::spawn(c.clone().run());
+        let all = ["a", "b", "c"];
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(5), |c| all
+                .iter()
+                .all(|n| owned_by(c, n) > 0))
+            .await,
+            "initial placement"
+        );
+        let map = c.placement();
+        let (colo, slot, before) = map
+            .colos
+            .iter()
+            .flat_map(|(colo, cs)| {
+                cs.slots
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, r)| (colo.clone(), i as u32, r.clone()))
+            })
+            .find(|(_, _, r)| r.owner == "a" && r.followers.iter().any(|f| f == "b"))
+            .expect("a slot that a owns and b follows");
+        // An explicit hand-off to b starts; a dies while it drains, and the slot fails over.
+        let handoff = tokio::spawn({
+            let (c, colo) = (c.clone(), colo.clone());
+            async move { c.handoff(&colo, slot, "b").await }
+        });
+        assert!(
+            beat_until(&c, &["b", "c"], lease * 4, |c| c
+                .placement()
+                .replicas_of(&colo, slot)
+                .is_some_and(|r| r.owner != "a"))
+            .await,
+            "the slot failed over"
+        );
+        let failed_over = c
+            .placement()
+            .replicas_of(&colo, slot)
+            .cloned()
+            .expect("slot");
+        assert!(failed_over.epoch > before.epoch);
+        // The old owner's answer arrives late: publishing its target now would put a second
+        // owner at an epoch the failover may have used.
+        admin
+            .released
+            .store(true, std::sync::atomic::Ordering::Release);
+        let err = handoff
+            .await
+            .expect("the hand-off task ends")
+            .expect_err("a hand-off overtaken by a failover is refused");
+        assert_eq!(
+            (err.status, err.code),
+            (409, "slot_moved"),
+            "{}",
+            err.message
+        );
+        assert_eq!(c.placement().replicas_of(&colo, slot), Some(&failed_over));
     }
 }

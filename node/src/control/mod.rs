@@ -146,7 +146,20 @@ impl Coordinator {
             return Err(ApiError::unavailable("handoff_failed", e));
         }
         let next = promote(&cur, to);
-        self.replace_slot(colo, slot, next.clone());
+        if !self.replace_slot(colo, slot, &cur, next.clone()) {
+            // A failover moved the slot while the owner handed it over: the map's epoch may be
+            // the very epoch of this hand-off, and publishing the target too would give it two
+            // owners. The old owner fenced itself at that epoch; the new map already covers it.
+            self.note_fencing(colo, slot, cur.epoch + 1);
+            return Err(ApiError::new(
+                409,
+                "slot_moved",
+                format!(
+                    "{colo}#{slot} changed owner or epoch during the hand-off (a failover?); \
+                     the hand-off was not published, retry against the current owner"
+                ),
+            ));
+        }
         Ok(next)
     }
 }
