@@ -2,28 +2,97 @@
 //! and that node follows.
 //!
 //! A link connects to the follower's API port and upgrades the connection
-//! (`Upgrade: colony-replication`). Frames queued while it is down are dropped: on (re)connect the
+//! (`Upgrade: colony-replication`). Frames sent while it is down are dropped: on (re)connect the
 //! owner probes each shared slot and resends from its recent entries, or asks for a snapshot sync.
+//!
+//! Frames normally queue for the link's task, which writes everything queued with one write.
+//! The entry of a lone request (nothing else in flight on the owner) is written to the socket by
+//! the thread that sends it instead, when nothing is queued: it reaches the followers before the
+//! owner starts its own fsync, with no hand-off to the link's task (a hand-off wakes a thread,
+//! tens of microseconds on a VM, and here it delays the write's acknowledgement). Under
+//! concurrency the task's batching is worth more than that. Frames keep their order either way.
 
 use super::Cluster;
 use super::wire::Frame;
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::Notify;
 
 pub const UPGRADE_PROTOCOL: &str = "colony-replication";
 pub const REPLICATE_PATH: &str = "/v1/internal/replicate";
 
 #[derive(Default)]
 pub struct Links {
-    senders: Mutex<HashMap<String, UnboundedSender<Frame>>>,
+    links: Mutex<HashMap<String, Arc<Link>>>,
     cluster: OnceLock<Weak<Cluster>>,
     runtime: OnceLock<tokio::runtime::Handle>,
+}
+
+/// The sending side of one link.
+#[derive(Default)]
+struct Link {
+    out: Mutex<Outgoing>,
+    /// Wakes the link's task when bytes are queued for it.
+    queued: Notify,
+}
+
+#[derive(Default)]
+struct Outgoing {
+    /// The connection, while up.
+    socket: Option<Arc<OwnedWriteHalf>>,
+    /// Bytes the socket did not take yet; the link's task writes them.
+    queue: BytesMut,
+    /// The link's task is writing (queued bytes, or bytes it took from the queue): senders queue
+    /// behind it instead of writing themselves, so frames keep their order.
+    task_writes: bool,
+}
+
+impl Link {
+    fn out(&self) -> MutexGuard<'_, Outgoing> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `bytes` (whole frames) for the link's task.
+    fn queue(&self, bytes: &[u8]) {
+        let mut out = self.out();
+        if out.socket.is_none() {
+            return; // down: dropped (see the module comment)
+        }
+        out.queue.extend_from_slice(bytes);
+        if !out.task_writes {
+            out.task_writes = true;
+            drop(out);
+            self.queued.notify_one();
+        }
+    }
+
+    /// Writes `bytes` (whole frames) now if nothing is queued and the socket takes them; queues
+    /// what it does not take.
+    fn write_now(&self, bytes: &[u8]) {
+        let mut out = self.out();
+        let Some(socket) = out.socket.clone() else {
+            return; // down: dropped (see the module comment)
+        };
+        if out.task_writes {
+            out.queue.extend_from_slice(bytes);
+            return;
+        }
+        // Nothing written on an error (WouldBlock, or a broken socket: the link's task meets
+        // that too and reconnects).
+        let written: usize = socket.try_write(bytes).unwrap_or_default();
+        if written < bytes.len() {
+            out.queue.extend_from_slice(&bytes[written..]);
+            out.task_writes = true;
+            drop(out);
+            self.queued.notify_one();
+        }
+    }
 }
 
 impl Links {
@@ -32,21 +101,48 @@ impl Links {
         let _ = self.runtime.set(runtime);
     }
 
-    /// Queues a frame to `node`, starting its link if there is none.
+    /// Sends a frame to `node`, starting its link if there is none.
     pub fn send(&self, node: &str, frame: Frame) {
-        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = senders.get(node)
-            && tx.send(frame.clone()).is_ok()
-        {
-            return;
+        let mut bytes = BytesMut::new();
+        frame.encode(&mut bytes);
+        self.link(node).queue(&bytes);
+    }
+
+    /// Sends one frame to several nodes, encoding it once; `now`: written by this thread where
+    /// nothing is queued (for a lone request, see the module comment).
+    pub fn send_to_each<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a str>,
+        frame: &Frame,
+        now: bool,
+    ) {
+        let mut bytes: Option<BytesMut> = None;
+        for node in nodes {
+            let bytes = bytes.get_or_insert_with(|| {
+                let mut b = BytesMut::new();
+                frame.encode(&mut b);
+                b
+            });
+            let link = self.link(node);
+            if now {
+                link.write_now(bytes);
+            } else {
+                link.queue(bytes);
+            }
         }
-        let (tx, rx) = unbounded_channel();
-        let _ = tx.send(frame);
-        senders.insert(node.to_string(), tx);
-        let (Some(cluster), Some(rt)) = (self.cluster.get().cloned(), self.runtime.get()) else {
-            return;
-        };
-        rt.spawn(run_link(cluster, node.to_string(), rx));
+    }
+
+    fn link(&self, node: &str) -> Arc<Link> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = links.get(node) {
+            return link.clone();
+        }
+        let link = Arc::new(Link::default());
+        links.insert(node.to_string(), link.clone());
+        if let (Some(cluster), Some(rt)) = (self.cluster.get().cloned(), self.runtime.get()) {
+            rt.spawn(run_link(cluster, node.to_string(), link.clone()));
+        }
+        link
     }
 }
 
@@ -102,7 +198,7 @@ async fn connect(
     Ok(stream)
 }
 
-async fn run_link(cluster: Weak<Cluster>, node: String, mut rx: UnboundedReceiver<Frame>) {
+async fn run_link(cluster: Weak<Cluster>, node: String, link: Arc<Link>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(cl) = cluster.upgrade() else { return };
@@ -116,25 +212,28 @@ async fn run_link(cluster: Weak<Cluster>, node: String, mut rx: UnboundedReceive
             Err(e) => {
                 tracing::debug!(node, error = %e, "replication link down");
                 drop(cl);
-                while rx.try_recv().is_ok() {}
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
         backoff = Duration::from_millis(50);
-        // Frames queued while down are stale: probes resend what matters.
-        while rx.try_recv().is_ok() {}
         let (mut reader, mut writer) = stream.into_split();
-        let mut out = BytesMut::new();
+        let mut hello = BytesMut::new();
         Frame::Hello {
             node: cl.me.clone(),
         }
-        .encode(&mut out);
-        if writer.write_all(&out).await.is_err() {
+        .encode(&mut hello);
+        if writer.write_all(&hello).await.is_err() {
             continue;
         }
-        out.clear();
+        let socket = Arc::new(writer);
+        {
+            let mut out = link.out();
+            out.socket = Some(socket.clone());
+            out.queue.clear();
+            out.task_writes = false;
+        }
         tracing::debug!(node, "replication link up");
         cl.on_link_up(&node);
         let cl_reader = cl.clone();
@@ -160,30 +259,46 @@ async fn run_link(cluster: Weak<Cluster>, node: String, mut rx: UnboundedReceive
                 }
             }
         });
-        loop {
-            tokio::select! {
-                frame = rx.recv() => {
-                    let Some(frame) = frame else {
-                        read_task.abort();
-                        return;
-                    };
-                    frame.encode(&mut out);
-                    while out.len() < (1 << 20) {
-                        match rx.try_recv() {
-                            Ok(f) => f.encode(&mut out),
-                            Err(_) => break,
-                        }
-                    }
-                    if writer.write_all(&out).await.is_err() {
-                        break;
-                    }
-                    out.clear();
-                }
-                _ = &mut read_task => break,
-            }
+        tokio::select! {
+            _ = write_queued(&link, &socket) => {}
+            _ = &mut read_task => {}
         }
         read_task.abort();
-        out.clear();
+        {
+            let mut out = link.out();
+            out.socket = None;
+            out.queue.clear();
+            out.task_writes = false;
+        }
         tracing::debug!(node, "replication link lost; reconnecting");
+    }
+}
+
+/// Writes what senders queued, until the socket fails.
+async fn write_queued(link: &Link, socket: &OwnedWriteHalf) {
+    loop {
+        link.queued.notified().await;
+        loop {
+            let mut bytes = {
+                let mut out = link.out();
+                if out.queue.is_empty() {
+                    out.task_writes = false;
+                    break;
+                }
+                out.queue.split()
+            };
+            while !bytes.is_empty() {
+                if socket.writable().await.is_err() {
+                    return;
+                }
+                match socket.try_write(&bytes) {
+                    Ok(n) => {
+                        let _ = bytes.split_to(n);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
     }
 }

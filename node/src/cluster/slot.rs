@@ -236,12 +236,14 @@ impl Slot {
     // ----- owner side -----
 
     /// Places a committed entry in the slot's log, logs it locally and sends it to the followers.
-    /// `done` runs once `needed` voters (this node included) hold it durably.
+    /// `done` runs once `needed` voters (this node included) hold it durably. `lone`: nothing
+    /// else is in flight, so this thread writes the entry to the followers' sockets itself.
     pub fn append(
         self: &Arc<Self>,
         cl: &Arc<Cluster>,
         mut entry: Entry,
         configured_quorum: usize,
+        lone: bool,
         done: Done,
     ) -> Result<SlotPos, ApiError> {
         let mut st = self.lock();
@@ -278,9 +280,14 @@ impl Slot {
         let object = entry.object();
         let kind = entry.kind;
         let bytes = bytes::Bytes::from(entry.into_bytes());
-        for p in st.progress.iter().filter(|p| p.stream == Stream::Streaming) {
-            cl.links.send(&p.node, frame.clone());
-        }
+        cl.links.send_to_each(
+            st.progress
+                .iter()
+                .filter(|p| p.stream == Stream::Streaming)
+                .map(|p| p.node.as_str()),
+            &frame,
+            lone,
+        );
         push_ring(&mut st, frame, pos);
         st.pending.push_back(Pending {
             pos,

@@ -181,21 +181,23 @@ impl Actor {
             }
             gate.settle(ticket, result);
         });
+        // A lone request (nothing else in flight on the node, nothing queued for this object)
+        // would only wait: its thread writes the entry to the followers and commits the log
+        // itself rather than waking the link tasks and the writer thread — hand-offs less for a
+        // sequential client. Under concurrency, the thread goes on executing, and the link tasks
+        // and the writer thread group the work.
+        let lone = env.in_flight() <= 1 && !handle.has_queued_jobs();
         let deferred = env.log.defer_wakeups();
-        match slot.append(&env.cluster, entry, quorum, done) {
+        match slot.append(&env.cluster, entry, quorum, lone, done) {
             Ok(pos) => self.last_lsn = pos.lsn,
             // Committed locally but not accepted by the slot (it moved): the gate fails, and the
             // object resets before its next request.
             Err(e) => handle.gate.settle(ticket, Err(e)),
         }
-        // A lone request (nothing else in flight on the node, nothing queued for this object)
-        // would only wait for the fsync: its thread commits the log itself rather than waking
-        // the writer thread — one thread hand-off less for a sequential client. Under
-        // concurrency, the thread goes on executing and the writer thread groups the commits.
-        if env.in_flight() > 1 || handle.has_queued_jobs() {
-            drop(deferred);
-        } else {
+        if lone {
             deferred.lead();
+        } else {
+            drop(deferred);
         }
     }
 
