@@ -641,11 +641,14 @@ mod tests {
     use crate::control::admin_client::SlotStatus;
     use futures::future::BoxFuture;
 
-    /// Node admin API of well-behaved followers whose owners never finish a hand-off (as when
-    /// the hand-off's target dies mid-way and the owner waits for it).
-    struct HandoffsHang;
+    /// Node admin API of well-behaved followers. Hand-offs finish once the test sets `released`;
+    /// left unset they hang, as when the hand-off's target dies mid-way and the owner waits.
+    #[derive(Default)]
+    struct HandoffsWait {
+        released: std::sync::atomic::AtomicBool,
+    }
 
-    impl NodeAdmin for HandoffsHang {
+    impl NodeAdmin for HandoffsWait {
         fn fence<'a>(
             &'a self,
             _: &'a str,
@@ -661,9 +664,14 @@ mod tests {
             _: &'a str,
             _: u32,
             _: &'a str,
-            _: u64,
+            epoch: u64,
         ) -> BoxFuture<'a, Result<Lsn, String>> {
-            Box::pin(futures::future::pending())
+            Box::pin(async move {
+                while !self.released.load(std::sync::atomic::Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(Lsn::new(epoch - 1, 7))
+            })
         }
         fn status<'a>(
             &'a self,
@@ -673,6 +681,24 @@ mod tests {
         ) -> BoxFuture<'a, Result<SlotStatus, String>> {
             Box::pin(async { Err("not used".to_string()) })
         }
+    }
+
+    /// A coordinator of 12 slots, 3 replicas, quorum 2, for 3 nodes, running its control loop.
+    fn coordinator(lease: Duration, admin: Arc<dyn NodeAdmin>) -> Arc<Coordinator> {
+        let c = Coordinator::new(
+            CoordinatorConfig {
+                region: "r".to_string(),
+                lease,
+                slot_count: 12,
+                replicas: 3,
+                write_quorum: 2,
+                expect_nodes: 3,
+                state_file: None,
+            },
+            admin,
+        );
+        tokio::spawn(c.clone().run());
+        c
     }
 
     fn node(name: &str) -> NodeInfo {
@@ -714,19 +740,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hand_back_that_never_finishes_does_not_hold_up_a_failover() {
         let lease = Duration::from_secs(1);
-        let c = Coordinator::new(
-            CoordinatorConfig {
-                region: "r".to_string(),
-                lease,
-                slot_count: 12,
-                replicas: 3,
-                write_quorum: 2,
-                expect_nodes: 3,
-                state_file: None,
-            },
-            Arc::new(HandoffsHang),
-        );
-        tokio::spawn(c.clone().run());
+        let c = coordinator(lease, Arc::new(HandoffsWait::default()));
         let all = ["a", "b", "c"];
         assert!(
             beat_until(&c, &all, Duration::from_secs(5), |c| all
@@ -768,64 +782,11 @@ mod tests {
         assert!(c.status().failovers > 0);
     }
 
-    /// Node admin API whose hand-offs finish (successfully) once the test releases them.
-    #[derive(Default)]
-    struct HandoffsWait {
-        released: std::sync::atomic::AtomicBool,
-    }
-
-    impl NodeAdmin for HandoffsWait {
-        fn fence<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: u32,
-            epoch: u64,
-        ) -> BoxFuture<'a, Result<Lsn, String>> {
-            Box::pin(async move { Ok(Lsn::new(epoch - 1, 7)) })
-        }
-        fn handoff<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: u32,
-            _: &'a str,
-            epoch: u64,
-        ) -> BoxFuture<'a, Result<Lsn, String>> {
-            Box::pin(async move {
-                while !self.released.load(std::sync::atomic::Ordering::Acquire) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Ok(Lsn::new(epoch - 1, 7))
-            })
-        }
-        fn status<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: u32,
-        ) -> BoxFuture<'a, Result<SlotStatus, String>> {
-            Box::pin(async { Err("not used".to_string()) })
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hand_off_overtaken_by_a_failover_is_not_published() {
         let lease = Duration::from_secs(1);
         let admin = Arc::new(HandoffsWait::default());
-        let c = Coordinator::new(
-            CoordinatorConfig {
-                region: "r".to_string(),
-                lease,
-                slot_count: 12,
-                replicas: 3,
-                write_quorum: 2,
-                expect_nodes: 3,
-                state_file: None,
-            },
-            admin.clone(),
-        );
-        tokio::spawn(c.clone().run());
+        let c = coordinator(lease, admin.clone());
         let all = ["a", "b", "c"];
         assert!(
             beat_until(&c, &all, Duration::from_secs(5), |c| all
