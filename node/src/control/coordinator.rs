@@ -737,13 +737,10 @@ mod tests {
         false
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_hand_back_that_never_finishes_does_not_hold_up_a_failover() {
-        let lease = Duration::from_secs(1);
-        let c = coordinator(lease, Arc::new(HandoffsWait::default()));
-        let all = ["a", "b", "c"];
+    /// Beats for `nodes` until each owns slots (the initial placement).
+    async fn wait_all_own_slots(c: &Coordinator, nodes: &[&str]) {
         assert!(
-            beat_until(&c, &all, Duration::from_secs(5), |c| all
+            beat_until(c, nodes, Duration::from_secs(5), |c| nodes
                 .iter()
                 .all(|n| owned_by(c, n) > 0))
             .await,
@@ -754,6 +751,14 @@ mod tests {
                 .map(|n| n.slots_owned)
                 .collect::<Vec<_>>()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_back_that_never_finishes_does_not_hold_up_a_failover() {
+        let lease = Duration::from_secs(1);
+        let c = coordinator(lease, Arc::new(HandoffsWait::default()));
+        let all = ["a", "b", "c"];
+        wait_all_own_slots(&c, &all).await;
         // c goes silent: its slots fail over to a and b.
         assert!(
             beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await,
@@ -787,14 +792,7 @@ mod tests {
         let lease = Duration::from_secs(1);
         let admin = Arc::new(HandoffsWait::default());
         let c = coordinator(lease, admin.clone());
-        let all = ["a", "b", "c"];
-        assert!(
-            beat_until(&c, &all, Duration::from_secs(5), |c| all
-                .iter()
-                .all(|n| owned_by(c, n) > 0))
-            .await,
-            "initial placement"
-        );
+        wait_all_own_slots(&c, &["a", "b", "c"]).await;
         let map = c.placement();
         let (colo, slot, before) = map
             .colos
