@@ -79,6 +79,15 @@ impl Lease {
                 && s.applied_version >= s.required_version)
     }
 
+    /// Renewed, but the control plane's newest placement is not applied yet: valid again in a
+    /// moment, once this node has applied it.
+    pub fn catching_up_with_placement(&self) -> bool {
+        let s = self.lock();
+        !s.always
+            && s.valid_until.is_some_and(|v| Instant::now() < v)
+            && s.applied_version < s.required_version
+    }
+
     /// How long until the lease lapses (zero if it has).
     pub fn remaining(&self) -> Duration {
         let s = self.lock();

@@ -339,8 +339,9 @@ impl Cluster {
         }
     }
 
-    /// The slot of `key`, if this node serves it now; waits briefly while it is recovering or
-    /// handing off, so a request arriving during a move is not refused needlessly.
+    /// The slot of `key`, if this node serves it now; waits (up to 3 s) while ownership is on
+    /// the move towards or away from this node, so a request arriving then is not refused
+    /// needlessly.
     pub fn serving_slot(self: &Arc<Self>, key: &ObjectKey) -> Result<Arc<Slot>, ApiError> {
         let slot_key = self.slot_key_of(&key.id)?;
         let slot = self.slot(&slot_key);
@@ -349,13 +350,19 @@ impl Cluster {
             if slot.serving() && self.lease.valid() {
                 return Ok(slot);
             }
+            // Moments that pass by themselves: recovery or a hand-off under way, a new map
+            // applied partly (see `placement_names_me_owner`), or one announced by the lease's
+            // renewal and not applied yet.
+            let role = slot.role();
             let moving = matches!(
-                slot.role(),
+                role,
                 Role::Owner {
                     phase: Phase::Recovering | Phase::Draining,
                     ..
                 }
-            );
+            ) || (!matches!(role, Role::Owner { .. })
+                && self.placement_names_me_owner(&slot_key))
+                || self.lease.catching_up_with_placement();
             if !moving || Instant::now() > deadline {
                 let why = if !self.lease.valid() {
                     "its lease is not current"
@@ -369,6 +376,17 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Whether the current placement map names this node the owner of `key`. Between storing a
+    /// new map and giving each slot its role (`apply_placement` walks thousands of slots),
+    /// requests already route here while the slot is still a follower; they wait for the role
+    /// instead of being refused (a refused request waits for the map to name another owner,
+    /// which it never will).
+    fn placement_names_me_owner(&self, key: &SlotKey) -> bool {
+        self.placement()
+            .replicas_of(&key.colo, key.slot)
+            .is_some_and(|r| r.owner == self.me)
     }
 
     /// The slot of `key` if this node serves it at this moment; never waits.
@@ -625,5 +643,124 @@ impl Cluster {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request that routes to this node in the moment between storing a placement map that
+    /// makes it owner and giving the slot that role waits for the role and is served; refused,
+    /// it had waited out its whole rerouting time (3 s) for a map naming another owner.
+    #[test]
+    fn a_request_in_the_moment_before_the_slot_takes_its_new_role_waits_for_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Metrics::new();
+        let runner =
+            crate::storage::log::start(&dir.path().join("log"), 64 << 10, 0, metrics.log.clone())
+                .expect("log");
+        let (journal, journal_state) =
+            SlotJournal::open(&dir.path().join("slots.journal")).expect("journal");
+        let namespaces = Arc::new(HashMap::new());
+        let objects = dir.path().join("objects");
+        std::fs::create_dir_all(&objects).expect("objects dir");
+        let applier = Applier::start(objects, namespaces.clone(), runner.log()).expect("applier");
+        let cluster = Cluster::new(ClusterSetup {
+            admin_token: None,
+            me: "n1".into(),
+            colo: "c".into(),
+            region: "r".into(),
+            advertise: "127.0.0.1:1".into(),
+            source_address: None,
+            lease_duration: Some(Duration::from_secs(10)),
+            slot_count: 4,
+            log: runner.log(),
+            journal,
+            journal_state,
+            recovered_positions: HashMap::new(),
+            applier,
+            metrics,
+            namespaces,
+            data_dir: dir.path().to_path_buf(),
+        });
+        let me = NodeInfo {
+            name: "n1".into(),
+            colo: "c".into(),
+            address: "127.0.0.1:1".into(),
+        };
+        let n2 = NodeInfo {
+            name: "n2".into(),
+            ..me.clone()
+        };
+        // Every slot: `owner` at `epoch`, with `followers`.
+        let placement = |version: u64, epoch: u64, owner: &str, followers: &[&str]| PlacementMap {
+            region: "r".into(),
+            version,
+            slot_count: 4,
+            replicas: 1 + followers.len(),
+            nodes: [&me, &n2]
+                .into_iter()
+                .map(|n| (n.name.clone(), n.clone()))
+                .collect(),
+            colos: BTreeMap::from([(
+                "c".to_string(),
+                ColoSlots {
+                    slots: (0..4)
+                        .map(|_| SlotReplicas::new(epoch, owner, followers))
+                        .collect(),
+                },
+            )]),
+        };
+        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
+        // n1 follows every slot of n2's.
+        cluster.lease.renewed(Instant::now(), 1);
+        cluster.apply_placement(placement(1, 1, "n2", &["n1"]));
+
+        // Version 2 gives every slot to n1 alone (a slot given that role serves at once).
+        // `apply_placement` stores the map, and gives the slots their roles a moment later.
+        // (Not announced by a renewal here, so that the lease stays valid: that case is next.)
+        *cluster.placement.write().expect("placement") = Arc::new(placement(2, 2, "n1", &[]));
+        let applying = {
+            let cluster = cluster.clone();
+            let map = placement(3, 2, "n1", &[]);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                cluster.apply_placement(map);
+            })
+        };
+        let answer = cluster.serving_slot(&object);
+        applying.join().expect("apply");
+        let slot = answer.expect("served once the slot took its role, not refused");
+        assert!(slot.serving());
+
+        // Announced but not applied yet: the lease is not valid for a moment; a request waits.
+        cluster.lease.renewed(Instant::now(), 4);
+        let applying = {
+            let cluster = cluster.clone();
+            let map = placement(4, 2, "n1", &[]);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                cluster.apply_placement(map);
+            })
+        };
+        let answer = cluster.serving_slot(&object);
+        applying.join().expect("apply");
+        assert!(answer.is_ok(), "served once version 4 was applied");
+
+        // A slot the map gives to another node is refused at once.
+        cluster.lease.renewed(Instant::now(), 5);
+        cluster.apply_placement(placement(5, 3, "n2", &[]));
+        let started = Instant::now();
+        let Err(refused) = cluster.serving_slot(&object) else {
+            panic!("served a slot the map gives to n2");
+        };
+        assert_eq!(refused.code, "not_owner");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused without waiting: {:?}",
+            started.elapsed()
+        );
+        drop(runner);
     }
 }
