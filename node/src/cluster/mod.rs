@@ -650,6 +650,16 @@ impl Cluster {
 mod tests {
     use super::*;
 
+    /// Applies `map` on another thread a moment from now, as a node does while requests for the
+    /// slots it changes keep arriving.
+    fn apply_shortly(cluster: &Arc<Cluster>, map: PlacementMap) -> std::thread::JoinHandle<()> {
+        let cluster = cluster.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            cluster.apply_placement(map);
+        })
+    }
+
     /// A request that routes to this node in the moment between storing a placement map that
     /// makes it owner and giving the slot that role waits for the role and is served; refused,
     /// it had waited out its whole rerouting time (3 s) for a map naming another owner.
@@ -721,14 +731,7 @@ mod tests {
         // `apply_placement` stores the map, and gives the slots their roles a moment later.
         // (Not announced by a renewal here, so that the lease stays valid: that case is next.)
         *cluster.placement.write().expect("placement") = Arc::new(placement(2, 2, "n1", &[]));
-        let applying = {
-            let cluster = cluster.clone();
-            let map = placement(3, 2, "n1", &[]);
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(100));
-                cluster.apply_placement(map);
-            })
-        };
+        let applying = apply_shortly(&cluster, placement(3, 2, "n1", &[]));
         let answer = cluster.serving_slot(&object);
         applying.join().expect("apply");
         let slot = answer.expect("served once the slot took its role, not refused");
@@ -736,14 +739,7 @@ mod tests {
 
         // Announced but not applied yet: the lease is not valid for a moment; a request waits.
         cluster.lease.renewed(Instant::now(), 4);
-        let applying = {
-            let cluster = cluster.clone();
-            let map = placement(4, 2, "n1", &[]);
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(100));
-                cluster.apply_placement(map);
-            })
-        };
+        let applying = apply_shortly(&cluster, placement(4, 2, "n1", &[]));
         let answer = cluster.serving_slot(&object);
         applying.join().expect("apply");
         assert!(answer.is_ok(), "served once version 4 was applied");
