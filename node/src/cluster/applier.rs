@@ -1,21 +1,25 @@
 //! Followers keep their copy of each object's database current by writing the pages of every
 //! entry straight into the database file — no SQLite involved, the same way recovery does.
 //!
-//! One thread applies entries in order. Writes go to the page cache; every second the applier
-//! makes them durable with one `syncfs` and logs checkpoint markers for the objects it touched, so
-//! the node log can retire the segments holding their entries.
+//! One thread applies entries in order. A followed object's pages are held in memory and written
+//! out together about once a second ([`WRITE_OUT_EVERY`]), so a page that many entries change is
+//! written once rather than once per entry; before that, when the held pages pass
+//! [`WRITE_OUT_BYTES`]; and at once when the slot stops being followed (a promotion waits for its
+//! entries to be in the files). The written files are then made durable by the
+//! [`checkpointer`](super::checkpointer), which logs checkpoint markers for them so the node log
+//! can retire the segments holding their entries.
 
-use super::slot::Slot;
+use super::checkpointer::{Checkpointer, Durable};
+use super::slot::{Role, Slot};
 use crate::lsn::Lsn;
 use crate::namespace::Namespace;
-use crate::storage::log::{Append, NodeLog};
-use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind, encode_checkpoint};
+use crate::storage::log::NodeLog;
+use crate::storage::record::{Checkpoint, Entry, ObjectKey, PageSetView, RecordKind, SlotKey};
 use crate::storage::recovery::remove_database_files;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
@@ -27,6 +31,8 @@ enum Job {
         log_lsn: u64,
         floor: Option<Lsn>,
     },
+    /// Write every held page now (a slot is being promoted).
+    WriteOut,
     /// Make everything applied so far durable (and checkpointed), then answer.
     Flush(Sender<()>),
 }
@@ -36,8 +42,10 @@ pub struct Applier {
     tx: Sender<Job>,
 }
 
-const OPEN_FILES: usize = 256;
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How long pages are held before they are written and made durable.
+pub const WRITE_OUT_EVERY: Duration = Duration::from_secs(1);
+/// Held pages past this many bytes are written out early.
+pub const WRITE_OUT_BYTES: usize = 32 << 20;
 /// After a busy stretch the applier pauses this long before looking for more work, so entries
 /// arriving at thousands per second are applied in batches rather than each waking the thread
 /// (wake-ups were a visible share of a follower's CPU). Promotion waits at most this much more.
@@ -50,13 +58,17 @@ impl Applier {
         log: NodeLog,
     ) -> std::io::Result<Applier> {
         let (tx, rx) = mpsc::channel();
+        let checkpointer = Checkpointer::start(log)?;
         let mut worker = Worker {
             objects_dir,
             namespaces,
-            log,
-            files: HashMap::new(),
+            checkpointer,
+            held: HashMap::new(),
+            held_bytes: 0,
+            unwritten: HashMap::new(),
             dirty: HashMap::new(),
-            last_flush: Instant::now(),
+            dirs: BTreeSet::new(),
+            last_write_out: Instant::now(),
         };
         std::thread::Builder::new()
             .name("colony-applier".into())
@@ -73,6 +85,12 @@ impl Applier {
         });
     }
 
+    /// Asks for every held page to be written now, without waiting: a promoted slot counts its
+    /// entries as applied only once they are in the files.
+    pub fn write_out(&self) {
+        let _ = self.tx.send(Job::WriteOut);
+    }
+
     /// Blocks until everything queued so far is applied and durable.
     pub fn flush(&self) {
         let (tx, rx) = mpsc::channel();
@@ -85,11 +103,19 @@ impl Applier {
 struct Worker {
     objects_dir: PathBuf,
     namespaces: Arc<HashMap<String, Arc<Namespace>>>,
-    log: NodeLog,
-    files: HashMap<ObjectKey, (File, u64)>,
-    /// Objects applied since the last flush: log position and slot position of their last entry.
+    checkpointer: Checkpointer,
+    /// Pages applied but not yet written, per object.
+    held: HashMap<ObjectKey, HeldPages>,
+    held_bytes: usize,
+    /// Slots with entries not yet written: the newest such entry's position, noted as applied
+    /// once it is in the files.
+    unwritten: HashMap<SlotKey, (Arc<Slot>, Lsn)>,
+    /// Objects changed since the last write-out: log position and slot position of their last
+    /// entry (what their checkpoint marker will say once the file is durable).
     dirty: HashMap<ObjectKey, (u64, Lsn)>,
-    last_flush: Instant,
+    /// Directories whose entries changed since the last write-out (files created or removed).
+    dirs: BTreeSet<PathBuf>,
+    last_write_out: Instant,
 }
 
 impl Worker {
@@ -104,7 +130,7 @@ impl Worker {
                     std::thread::sleep(APPLY_PAUSE);
                     continue;
                 }
-                Err(TryRecvError::Empty) => rx.recv_timeout(FLUSH_EVERY),
+                Err(TryRecvError::Empty) => rx.recv_timeout(WRITE_OUT_EVERY),
             };
             match next {
                 Ok(Job::Apply {
@@ -118,31 +144,71 @@ impl Worker {
                         // The entry is durable in the log, but the file must hold it before the
                         // slot counts it as applied (a promotion waits for that): retry until the
                         // disk takes it — later entries wait in line.
-                        let mut backoff = Duration::from_millis(50);
-                        while let Err(e) = self.apply(&entry, log_lsn) {
-                            tracing::error!(slot = %slot.key, error = %e, "cannot apply an entry to its database file; retrying");
-                            self.files.clear();
-                            std::thread::sleep(backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(2));
-                        }
+                        self.retrying(|w| w.apply(&entry, log_lsn));
                     }
-                    slot.note_applied(lsn);
+                    // Anything but a follower (a recovering owner catching up) needs its entries
+                    // in the files now.
+                    let followed = matches!(slot.role(), Role::Follower { .. });
+                    let e = self
+                        .unwritten
+                        .entry(slot.key.clone())
+                        .or_insert((slot, lsn));
+                    e.1 = e.1.max(lsn);
+                    if !followed || self.held_bytes > WRITE_OUT_BYTES {
+                        self.retrying(Worker::write_held);
+                    }
                     worked = true;
                 }
+                Ok(Job::WriteOut) => self.retrying(Worker::write_held),
                 Ok(Job::Flush(done)) => {
-                    self.flush();
-                    let _ = done.send(());
+                    self.write_out(Some(done));
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.flush();
+                    self.write_out(None);
+                    self.checkpointer.stop();
                     return;
                 }
             }
-            if self.last_flush.elapsed() >= FLUSH_EVERY {
-                self.flush();
+            if self.last_write_out.elapsed() >= WRITE_OUT_EVERY {
+                self.write_out(None);
             }
         }
+    }
+
+    /// Runs `step` until it succeeds: applied entries cannot be skipped, so a failing disk stops
+    /// the applier (and, through the slots' applied positions, promotions) until it recovers.
+    fn retrying(&mut self, mut step: impl FnMut(&mut Worker) -> std::io::Result<()>) {
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = step(self) {
+            tracing::error!(error = %e, "cannot write followed entries to their database files; retrying");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Writes the held pages, then hands the files written since the last write-out to the
+    /// checkpointer (`done` answers once they are durable).
+    fn write_out(&mut self, done: Option<Sender<()>>) {
+        self.retrying(Worker::write_held);
+        self.last_write_out = Instant::now();
+        let files = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|(object, (upto, slot_lsn))| {
+                let path = self.path_of(&object);
+                let marker = Checkpoint {
+                    object,
+                    upto,
+                    slot_lsn,
+                };
+                (path, marker)
+            })
+            .collect();
+        self.checkpointer.submit(Durable {
+            files,
+            dirs: std::mem::take(&mut self.dirs).into_iter().collect(),
+            done,
+        });
     }
 
     fn path_of(&self, key: &ObjectKey) -> PathBuf {
@@ -153,12 +219,19 @@ impl Worker {
         self.namespaces.get(name).cloned()
     }
 
+    /// Takes an entry into the held pages (a delete is carried out at once).
     fn apply(&mut self, entry: &Entry, log_lsn: u64) -> std::io::Result<()> {
         let key = entry.object();
         match entry.kind {
             RecordKind::Delete => {
-                self.files.remove(&key);
-                remove_database_files(&self.path_of(&key))?;
+                if let Some(h) = self.held.remove(&key) {
+                    self.held_bytes -= h.bytes();
+                }
+                let path = self.path_of(&key);
+                remove_database_files(&path)?;
+                if let Some(dir) = path.parent() {
+                    self.dirs.insert(dir.to_path_buf());
+                }
                 if let Some(ns) = self.namespace(&key.namespace) {
                     ns.mark_empty(&key.id);
                 }
@@ -167,34 +240,10 @@ impl Worker {
                 let view = entry
                     .page_set()
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                if !self.files.contains_key(&key) {
-                    if self.files.len() >= OPEN_FILES {
-                        self.files.clear();
-                    }
-                    let path = self.path_of(&key);
-                    if let Some(dir) = path.parent() {
-                        std::fs::create_dir_all(dir)?;
-                    }
-                    let f = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(&path)?;
-                    let len = f.metadata()?.len();
-                    self.files.insert(key.clone(), (f, len));
-                }
-                if let Some((f, len)) = self.files.get_mut(&key) {
-                    let size = u64::from(view.header.page_size);
-                    for (pgno, page) in view.pages() {
-                        f.write_all_at(page, u64::from(pgno - 1) * size)?;
-                    }
-                    let want = u64::from(view.header.db_pages) * size;
-                    if *len != want {
-                        f.set_len(want)?;
-                        *len = want;
-                    }
-                }
+                let held = self.held.entry(key.clone()).or_default();
+                let before = held.bytes();
+                held.take(&view);
+                self.held_bytes = self.held_bytes - before + held.bytes();
                 if let Some(ns) = self.namespace(&key.namespace) {
                     ns.mark_has_data(key.id);
                 }
@@ -205,41 +254,219 @@ impl Worker {
         Ok(())
     }
 
-    /// Makes applied pages durable, then records checkpoints for them.
-    fn flush(&mut self) {
-        self.last_flush = Instant::now();
-        // Descriptors are not kept across flushes: a promoted slot's files are opened by SQLite
-        // next, and closing our descriptor later would drop the process's locks on them.
-        self.files.clear();
-        if self.dirty.is_empty() {
-            return;
+    /// Writes every held page into its database file and notes the slots' entries as applied.
+    /// An object whose file cannot be written keeps its pages (the caller retries).
+    fn write_held(&mut self) -> std::io::Result<()> {
+        let keys: Vec<ObjectKey> = self.held.keys().cloned().collect();
+        for key in keys {
+            let path = self.path_of(&key);
+            if let Some(dir) = path.parent()
+                && !dir.exists()
+            {
+                // Every directory created here, and the existing one that holds the first.
+                let mut top = dir;
+                while let Some(up) = top.parent()
+                    && !up.exists()
+                {
+                    top = up;
+                }
+                std::fs::create_dir_all(dir)?;
+                let mut d = dir;
+                while d != top {
+                    self.dirs.insert(d.to_path_buf());
+                    d = d.parent().unwrap_or(top);
+                }
+                self.dirs.insert(top.to_path_buf());
+                if let Some(up) = top.parent() {
+                    self.dirs.insert(up.to_path_buf());
+                }
+            }
+            let existed = path.exists();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            if !existed && let Some(dir) = path.parent() {
+                self.dirs.insert(dir.to_path_buf());
+            }
+            if let Some(held) = self.held.get(&key) {
+                held.write_to(&file)?;
+            }
+            if let Some(h) = self.held.remove(&key) {
+                self.held_bytes -= h.bytes();
+            }
         }
-        if let Err(e) = syncfs(&self.objects_dir) {
-            tracing::error!(error = %e, "syncfs of object databases failed; checkpoints deferred");
-            return;
+        for (_, (slot, lsn)) in self.unwritten.drain() {
+            slot.note_applied(lsn);
         }
-        for (object, (upto, slot_lsn)) in self.dirty.drain() {
-            let c = Checkpoint {
-                object: object.clone(),
-                upto,
-                slot_lsn,
-            };
-            self.log.append(Append {
-                kind: RecordKind::Checkpoint,
-                object,
-                fence: None,
-                payload: encode_checkpoint(&c).into(),
-                done: Box::new(|_| {}),
-            });
-        }
+        Ok(())
     }
 }
 
-fn syncfs(dir: &Path) -> std::io::Result<()> {
-    let f = File::open(dir)?;
-    // SAFETY: syncfs takes any open descriptor on the filesystem to sync.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error());
+/// One object's pages applied since they were last written: the newest image of each page, and
+/// the database's size. Writing them reproduces exactly what writing each entry in turn would.
+#[derive(Default)]
+pub struct HeldPages {
+    page_size: u64,
+    pages: BTreeMap<u32, Vec<u8>>,
+    /// Database size in pages after the newest entry.
+    db_pages: u32,
+    /// The smallest size an entry left the database at since the last write: the file is cut
+    /// there first, so pages past it that no later entry wrote read as zeros, as they would
+    /// after writing entry by entry.
+    smallest: Option<u32>,
+}
+
+impl HeldPages {
+    pub fn take(&mut self, view: &PageSetView<'_>) {
+        self.page_size = u64::from(view.header.page_size);
+        let size = view.header.db_pages;
+        if self.smallest.is_none_or(|s| size < s) {
+            // Cut here: pages past it held from earlier entries are gone.
+            self.smallest = Some(size);
+            self.pages.retain(|pgno, _| *pgno <= size);
+        }
+        self.db_pages = size;
+        for (pgno, page) in view.pages() {
+            match self.pages.get_mut(&pgno) {
+                Some(held) if held.len() == page.len() => held.copy_from_slice(page),
+                _ => {
+                    self.pages.insert(pgno, page.to_vec());
+                }
+            }
+        }
     }
-    Ok(())
+
+    pub fn bytes(&self) -> usize {
+        self.pages.len() * self.page_size as usize
+    }
+
+    pub fn write_to(&self, file: &File) -> std::io::Result<()> {
+        let len = file.metadata()?.len();
+        if let Some(s) = self.smallest {
+            let cut = u64::from(s) * self.page_size;
+            if cut < len {
+                file.set_len(cut)?;
+            }
+        }
+        for (pgno, page) in &self.pages {
+            file.write_all_at(page, u64::from(pgno - 1) * self.page_size)?;
+        }
+        let want = u64::from(self.db_pages) * self.page_size;
+        if file.metadata()?.len() != want {
+            file.set_len(want)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes one entry's pages the plain way (what [`HeldPages`] must match).
+#[cfg(test)]
+fn write_entry(file: &File, view: &PageSetView<'_>) -> std::io::Result<()> {
+    let size = u64::from(view.header.page_size);
+    for (pgno, page) in view.pages() {
+        file.write_all_at(page, u64::from(pgno - 1) * size)?;
+    }
+    file.set_len(u64::from(view.header.db_pages) * size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ObjectId;
+    use crate::storage::record::{PageSetBuilder, SlotPos};
+
+    const PAGE: u32 = 512;
+
+    fn entry(seq: u64, pages: &[(u32, u8)], db_pages: u32) -> Entry {
+        let object = ObjectKey::new(Arc::from("ns"), ObjectId::from_bytes([7; 32]));
+        let mut b = PageSetBuilder::new(&object, &SlotKey::new("c", 0), PAGE, db_pages, 2);
+        for (pgno, fill) in pages {
+            let mut page = vec![*fill; PAGE as usize];
+            page[1] = seq as u8;
+            b.push(*pgno, &page);
+        }
+        let mut e = b.finish();
+        e.place_after(SlotPos::START, Lsn::new(1, seq));
+        e
+    }
+
+    /// Applies `entries` held (written after entry `i` when bit `i` of `splits` is set, and at
+    /// the end) and one by one, and returns both files' bytes.
+    fn both_ways(entries: &[Entry], splits: u32) -> (Vec<u8>, Vec<u8>) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let open = |name: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(tmp.path().join(name))
+                .expect("file")
+        };
+        let (held_file, plain_file) = (open("held.db"), open("plain.db"));
+        let mut held = HeldPages::default();
+        for (i, e) in entries.iter().enumerate() {
+            let view = e.page_set().expect("page set");
+            held.take(&view);
+            write_entry(&plain_file, &view).expect("plain write");
+            if splits & (1 << i) != 0 {
+                held.write_to(&held_file).expect("held write");
+                held = HeldPages::default();
+            }
+        }
+        held.write_to(&held_file).expect("held write");
+        (
+            std::fs::read(tmp.path().join("held.db")).expect("read"),
+            std::fs::read(tmp.path().join("plain.db")).expect("read"),
+        )
+    }
+
+    #[test]
+    fn held_pages_write_the_same_file_as_entries_written_one_by_one() {
+        let cases: Vec<Vec<Entry>> = vec![
+            // The same page changed again and again, the database growing.
+            vec![
+                entry(1, &[(1, 1), (2, 1)], 2),
+                entry(2, &[(2, 2)], 2),
+                entry(3, &[(2, 3), (3, 3)], 3),
+                entry(4, &[(1, 4)], 3),
+            ],
+            // Shrunk (pages 3-4 cut), then grown again writing only page 5: pages 3-4 must read
+            // as zeros, not as their images from before the cut.
+            vec![
+                entry(1, &[(1, 1), (2, 1), (3, 1), (4, 1)], 4),
+                entry(2, &[(1, 2)], 2),
+                entry(3, &[(5, 3)], 5),
+            ],
+            // Shrunk twice, the second time further.
+            vec![
+                entry(1, &[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)], 5),
+                entry(2, &[(1, 2)], 4),
+                entry(3, &[(1, 3)], 2),
+                entry(4, &[(4, 4)], 4),
+            ],
+        ];
+        for (n, entries) in cases.iter().enumerate() {
+            // Every way of cutting the entries into write-outs.
+            for splits in 0..1u32 << (entries.len() - 1) {
+                let (held, plain) = both_ways(entries, splits);
+                assert_eq!(
+                    held, plain,
+                    "case {n}, written out after the entries in {splits:b}: held pages differ"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_page_changed_by_many_entries_is_held_once() {
+        let mut held = HeldPages::default();
+        for seq in 1..=100 {
+            held.take(&entry(seq, &[(2, 9)], 2).page_set().expect("page set"));
+        }
+        assert_eq!(held.bytes(), PAGE as usize);
+    }
 }

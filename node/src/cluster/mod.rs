@@ -5,6 +5,7 @@
 //! colo, with no followers, and its lease never lapses. Everything goes through the same path.
 
 pub mod applier;
+pub mod checkpointer;
 pub mod control;
 pub mod journal;
 pub mod kubernetes;

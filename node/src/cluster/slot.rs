@@ -860,7 +860,13 @@ impl Slot {
             Role::Owner { epoch, .. } => epoch,
             _ => 0,
         };
+        let promoted = matches!(st.role, Role::Owner { .. }) && !matches!(old, Role::Owner { .. });
         drop(st);
+        if promoted {
+            // The followed entries the applier still holds must be in the files before the
+            // slot can serve (recovery waits for `applied`).
+            cl.applier.write_out();
+        }
         fail_all(failed, &self.key);
         if close {
             cl.close_local_objects(self.clone());

@@ -1,0 +1,111 @@
+//! Makes the applier's writes durable, then logs checkpoint markers for them so the node log can
+//! retire the segments that held their entries.
+//!
+//! Each written file is synced on its own (`fdatasync`), and each directory whose entries changed.
+//! An earlier version synced the whole filesystem (`syncfs`) once a second: on a machine running
+//! several nodes that also forced out every other node's unsynced SQLite files, and the foreground
+//! log syncs queued behind that burst — the replicated p99 latency nearly halved without it.
+//!
+//! It runs on its own thread so the applier keeps applying (a promotion waits on the applier, not
+//! on durability: the entries are durable in the log already).
+
+use crate::storage::log::{Append, NodeLog};
+use crate::storage::record::{Checkpoint, RecordKind, encode_checkpoint};
+use std::fs::File;
+use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+
+/// Files written since the last batch, each with the marker to log once it is durable.
+pub struct Durable {
+    pub files: Vec<(PathBuf, Checkpoint)>,
+    /// Directories whose entries changed (files created or removed).
+    pub dirs: Vec<PathBuf>,
+    /// Answered once the batch is done (synced, or failed and logged).
+    pub done: Option<Sender<()>>,
+}
+
+pub struct Checkpointer {
+    tx: Option<Sender<Durable>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    pub fn start(log: NodeLog) -> std::io::Result<Checkpointer> {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("colony-checkpoint".into())
+            .spawn(move || run(&log, rx))?;
+        Ok(Checkpointer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn submit(&self, batch: Durable) {
+        if batch.files.is_empty() && batch.dirs.is_empty() && batch.done.is_none() {
+            return;
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(batch);
+        }
+    }
+
+    /// Finishes the batches submitted so far.
+    pub fn stop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(log: &NodeLog, rx: Receiver<Durable>) {
+    while let Ok(batch) = rx.recv() {
+        for c in make_durable(batch.files, &batch.dirs) {
+            log.append(Append {
+                kind: RecordKind::Checkpoint,
+                object: c.object.clone(),
+                fence: None,
+                payload: encode_checkpoint(&c).into(),
+                done: Box::new(|_| {}),
+            });
+        }
+        if let Some(done) = batch.done {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Syncs the files (one removed since is skipped: its delete is a later entry) and then the
+/// directories, and returns the markers that may be logged. A file whose sync failed may have
+/// lost pages, so its entries stay in the log, unmarked, for a restart to replay; a failed
+/// directory sync holds back every marker of the batch (a new file's name may not be durable).
+pub fn make_durable(files: Vec<(PathBuf, Checkpoint)>, dirs: &[PathBuf]) -> Vec<Checkpoint> {
+    let mut ok = Vec::with_capacity(files.len());
+    for (path, checkpoint) in files {
+        let synced = match File::open(&path) {
+            Ok(f) => f.sync_data(),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        match synced {
+            Ok(()) => ok.push(checkpoint),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot sync a followed database file; its log entries are kept");
+            }
+        }
+    }
+    for dir in dirs {
+        let synced = match File::open(dir) {
+            Ok(d) => d.sync_all(),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot sync a directory of followed database files; their log entries are kept");
+            return Vec::new();
+        }
+    }
+    ok
+}
