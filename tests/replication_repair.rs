@@ -1,6 +1,7 @@
 //! Replication repairs itself: a frame corrupted in flight is detected and resent, a follower
 //! whose disk fills keeps out of the quorum and catches up when space returns, a node too far
-//! behind rejoins by snapshot sync, and an explicit hand-off moves ownership losing no write.
+//! behind rejoins by snapshot sync, a follower killed before writing its held pages recovers them
+//! from its log, and an explicit hand-off moves ownership losing no write.
 //! Each ends by handing the slot to the repaired node and reading everything back through it.
 
 mod support;
@@ -259,6 +260,63 @@ async fn a_node_far_behind_rejoins_by_snapshot_sync() {
         assert_eq!(
             get(&c, behind, obj, &format!("k{i:03}")).await,
             json!(format!("{i}{value}"))
+        );
+    }
+}
+
+/// `(epoch, seq)` of a slot position in a slot report.
+fn position(v: &Value) -> (u64, u64) {
+    (
+        v["epoch"].as_u64().expect("epoch"),
+        v["seq"].as_u64().expect("seq"),
+    )
+}
+
+/// A follower holds the pages of recent entries in memory for seconds before it writes them into
+/// its database files; killed meanwhile, it takes them from its log again when it restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_killed_before_writing_its_held_pages_recovers_them_from_its_log() {
+    let mut c = TestCluster::start(three_nodes()).await;
+    let obj = "held-pages";
+    put(&c, 0, obj, "seed", json!("x")).await;
+    let follower = a_follower(&c, obj).await;
+    let writer = (0..3).find(|i| *i != follower).expect("another node");
+    let (colo, slot) = slot_of(&c, obj).await;
+    // Write for longer than the follower holds pages (so it has written some out and logged
+    // their checkpoint markers), then on until it holds entries durably in its log that its
+    // files do not have yet (its applied position behind its durable one), and kill it at once.
+    let started = Instant::now();
+    let mut written = 0;
+    let held = loop {
+        put(&c, writer, obj, &format!("k{written}"), json!(written)).await;
+        written += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if started.elapsed() < Duration::from_secs(4) {
+            continue;
+        }
+        let f = slot_report(&c, follower, &colo, slot).await;
+        if position(&f["applied"]) < position(&f["durable"]) {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+    };
+    assert!(
+        held,
+        "the follower wrote every entry to its files at once; nothing was held to lose"
+    );
+    c.kill9(follower);
+    c.start_node(follower);
+    c.wait_ready(Duration::from_secs(30)).await;
+    wait_caught_up(&c, follower, obj).await;
+    hand_off(&c, obj, follower).await;
+    assert_eq!(get(&c, follower, obj, "seed").await, json!("x"));
+    for i in 0..written {
+        assert_eq!(
+            get(&c, follower, obj, &format!("k{i}")).await,
+            json!(i),
+            "k{i} after the restart"
         );
     }
 }
