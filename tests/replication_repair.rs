@@ -514,6 +514,17 @@ async fn a_hand_off_to_a_follower_that_needs_a_snapshot_sync_completes() {
     let request = hand_off_request(&c, &colo, slot, target).send();
     let handoff = tokio::spawn(request);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // While the target cannot even be reached, the owner waits for it without stopping writes:
+    // one attempt, answered well within the 3 s a draining owner's requests would wait.
+    let during = c
+        .client
+        .put(c.url(owner, &format!("/v1/ns/default/names/{obj}/kv/during")))
+        .json(&json!("written while the hand-off waited"))
+        .timeout(Duration::from_millis(1500))
+        .send()
+        .await
+        .expect("a write while the hand-off waits for its target");
+    assert_eq!(during.status(), 200, "the owner kept taking writes");
     c.proxy.heal_all();
     let r = handoff.await.expect("task").expect("handoff");
     let status = r.status();
@@ -529,6 +540,10 @@ async fn a_hand_off_to_a_follower_that_needs_a_snapshot_sync_completes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get(&c, target, obj, "seed").await, json!("x"));
+    assert_eq!(
+        get(&c, target, obj, "during").await,
+        json!("written while the hand-off waited")
+    );
     for i in (0..600).step_by(53) {
         assert_eq!(get(&c, target, obj, &format!("k{i:03}")).await, json!(i));
     }

@@ -889,8 +889,13 @@ impl Slot {
         self.changed.notify_waiters();
     }
 
-    /// Planned hand-off to `to`: stop taking writes, wait until everything is on a quorum and
-    /// `to` holds it all, then fence this node at `epoch`. The control plane then publishes `to`.
+    /// Planned hand-off to `to`: wait, still serving, until `to` streams and is close behind;
+    /// then stop taking writes, wait until everything is on a quorum and `to` holds it all, and
+    /// fence this node at `epoch`. The control plane then publishes `to`.
+    ///
+    /// Writes stop only for the last stretch: a target that first needs a snapshot sync (a node
+    /// that just came back, the usual target of a hand-back) would otherwise hold every write to
+    /// the slot for as long as its sync takes, or the whole `timeout` before giving up.
     pub async fn handoff(
         self: &Arc<Self>,
         cl: &Arc<Cluster>,
@@ -898,39 +903,44 @@ impl Slot {
         epoch: u64,
         timeout: Duration,
     ) -> Result<SlotPos, ApiError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ready = {
+                let st = self.lock();
+                self.check_handoff(&st, to, epoch)?;
+                st.progress
+                    .iter()
+                    .find(|p| p.node == to)
+                    .is_some_and(|p| close_enough_to_drain(p.stream, p.acked, st.appended.lsn))
+            };
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(ApiError::unavailable(
+                    "handoff_timeout",
+                    format!(
+                        "{to} did not catch up with slot {} within {timeout:?}; the slot keeps its owner, which kept serving",
+                        self.key
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         {
             let mut st = self.lock();
-            match st.role {
-                Role::Owner { epoch: mine, phase } if mine < epoch && phase != Phase::Failed => {
-                    if !st.progress.iter().any(|p| p.node == to && p.votes) {
-                        return Err(ApiError::new(
-                            409,
-                            "not_a_follower",
-                            format!("{to} is not a voting member of slot {}", self.key),
-                        ));
-                    }
-                    st.role = Role::Owner {
-                        epoch: mine,
-                        phase: Phase::Draining,
-                    };
-                }
-                _ => {
-                    return Err(ApiError::new(
-                        409,
-                        "not_owner",
-                        format!(
-                            "this node does not own slot {} below epoch {epoch}",
-                            self.key
-                        ),
-                    ));
-                }
+            self.check_handoff(&st, to, epoch)?;
+            if let Role::Owner { epoch: mine, .. } = st.role {
+                st.role = Role::Owner {
+                    epoch: mine,
+                    phase: Phase::Draining,
+                };
             }
         }
         self.changed.notify_waiters();
         // Whatever ends this hand-off short of the fence — the timeout below, a fence that cannot
         // be journaled, or the caller giving up and dropping this future — the slot serves again.
         let _resume = ResumeUnlessFenced(self);
-        let deadline = Instant::now() + timeout;
         loop {
             let (done, target_caught_up) = {
                 let st = self.lock();
@@ -969,6 +979,32 @@ impl Slot {
             };
             drop(st);
             self.changed.notify_waiters();
+        }
+    }
+
+    /// Whether this node may hand the slot off to `to` at `epoch`: it owns the slot below that
+    /// epoch (not failed), and `to` is a voting follower.
+    fn check_handoff(&self, st: &SlotState, to: &str, epoch: u64) -> Result<(), ApiError> {
+        match st.role {
+            Role::Owner { epoch: mine, phase } if mine < epoch && phase != Phase::Failed => {
+                if st.progress.iter().any(|p| p.node == to && p.votes) {
+                    Ok(())
+                } else {
+                    Err(ApiError::new(
+                        409,
+                        "not_a_follower",
+                        format!("{to} is not a voting member of slot {}", self.key),
+                    ))
+                }
+            }
+            _ => Err(ApiError::new(
+                409,
+                "not_owner",
+                format!(
+                    "this node does not own slot {} below epoch {epoch}",
+                    self.key
+                ),
+            )),
         }
     }
 
@@ -1067,6 +1103,13 @@ fn recovered(st: &SlotState) -> bool {
     holders >= needed && st.appended == st.durable && st.applied >= st.durable.lsn
 }
 
+/// A hand-off may stop the slot's writes once its target is this close: streaming (not probing
+/// or installing a snapshot) and at most [`RING_ENTRIES`] entries behind (the most the owner
+/// keeps to resend). What remains then takes moments, not a sync's seconds.
+fn close_enough_to_drain(stream: Stream, acked: Lsn, appended: Lsn) -> bool {
+    stream == Stream::Streaming && acked.seq.saturating_add(RING_ENTRIES as u64) >= appended.seq
+}
+
 /// Pops every pending entry (in order) that a quorum holds, while the lease is valid.
 fn take_released(st: &mut SlotState, cl: &Cluster) -> Vec<(Done, Result<u64, ApiError>)> {
     let mut out = Vec::new();
@@ -1125,5 +1168,45 @@ struct ResumeUnlessFenced<'a>(&'a Slot);
 impl Drop for ResumeUnlessFenced<'_> {
     fn drop(&mut self) {
         self.0.resume_serving();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_off_drains_only_for_a_streaming_target_within_the_resend_window() {
+        let appended = Lsn::new(3, 10_000);
+        let behind = |n: u64| Lsn::new(3, 10_000 - n);
+        let window = RING_ENTRIES as u64;
+        for stream in [Stream::Probing, Stream::Syncing] {
+            assert!(
+                !close_enough_to_drain(stream, appended, appended),
+                "{stream:?}"
+            );
+        }
+        assert!(close_enough_to_drain(Stream::Streaming, appended, appended));
+        assert!(close_enough_to_drain(
+            Stream::Streaming,
+            behind(window),
+            appended
+        ));
+        assert!(!close_enough_to_drain(
+            Stream::Streaming,
+            behind(window + 1),
+            appended
+        ));
+        // Positions count on across epochs: an ack from the previous epoch compares by sequence.
+        assert!(close_enough_to_drain(
+            Stream::Streaming,
+            Lsn::new(2, 9_990),
+            appended
+        ));
+        assert!(!close_enough_to_drain(
+            Stream::Streaming,
+            Lsn::default(),
+            appended
+        ));
     }
 }
