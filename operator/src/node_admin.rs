@@ -4,7 +4,9 @@
 //! namespace.
 
 use colony_node::cluster::peer_client::PeerClient;
-pub use colony_node::control::admin_client::{HttpNodeAdmin, NodeAdmin, SlotStatus};
+pub use colony_node::control::admin_client::{
+    HttpNodeAdmin, NodeAdmin, SlotStatus, is_handoff_timeout,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,10 +27,4 @@ impl AdminConnector for HttpAdminConnector {
             self.timeout,
         ))
     }
-}
-
-/// Whether an admin error is the node's `handoff_timeout` answer (503: the target did not catch
-/// up in time; the owner resumed serving and the hand-off may simply be retried).
-pub fn is_handoff_timeout(error: &str) -> bool {
-    error.contains("handoff_timeout")
 }

@@ -117,3 +117,10 @@ impl NodeAdmin for HttpNodeAdmin {
         })
     }
 }
+
+/// Whether an admin error is the node's `handoff_timeout` answer (503: the target did not catch
+/// up in time; the owner never fenced itself, serves on, and the hand-off may simply be retried).
+/// Any other failure may have fenced the owner, its answer lost on the way.
+pub fn is_handoff_timeout(error: &str) -> bool {
+    error.contains("handoff_timeout")
+}

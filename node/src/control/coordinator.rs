@@ -7,7 +7,7 @@
 //! catches up when it returns). Permanent membership changes are the operator's business
 //! (`placement::plan_membership`).
 
-use super::admin_client::NodeAdmin;
+use super::admin_client::{NodeAdmin, is_handoff_timeout};
 use crate::lsn::Lsn;
 use crate::placement::{
     AssignInput, ColoSlots, FollowerReport, NodeInfo, PlacementMap, SlotReplicas, assign_slots,
@@ -529,9 +529,12 @@ impl Coordinator {
                             Some((colo, slot, cur, next))
                         }
                         Err(e) => {
-                            // The owner may have fenced itself at `epoch` even though
-                            // its answer did not arrive: that epoch must be published.
-                            this.note_fencing(&colo, slot, epoch);
+                            // Unless the owner said it timed out (it never fenced itself then),
+                            // it may have fenced itself at `epoch` though its answer did not
+                            // arrive: that epoch must be published.
+                            if !is_handoff_timeout(&e) {
+                                this.note_fencing(&colo, slot, epoch);
+                            }
                             tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
                             None
                         }
@@ -840,5 +843,99 @@ mod tests {
             err.message
         );
         assert_eq!(c.placement().replicas_of(&colo, slot), Some(&failed_over));
+    }
+
+    /// Node admin API whose hand-offs all fail at once with `error`; counts them.
+    struct HandoffsFail {
+        error: &'static str,
+        tried: std::sync::atomic::AtomicU64,
+    }
+
+    impl NodeAdmin for HandoffsFail {
+        fn fence<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+            epoch: u64,
+        ) -> BoxFuture<'a, Result<Lsn, String>> {
+            Box::pin(async move { Ok(Lsn::new(epoch - 1, 7)) })
+        }
+        fn handoff<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+            _: &'a str,
+            _: u64,
+        ) -> BoxFuture<'a, Result<Lsn, String>> {
+            self.tried
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async move { Err(self.error.to_string()) })
+        }
+        fn status<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+        ) -> BoxFuture<'a, Result<SlotStatus, String>> {
+            Box::pin(async { Err("not used".to_string()) })
+        }
+    }
+
+    /// Fails c's slots over, brings c back and lets hand-backs to it fail with `error` for a
+    /// while; the epochs of all slots before and after.
+    async fn epochs_around_failed_hand_backs(error: &'static str) -> (Vec<u64>, Vec<u64>) {
+        let lease = Duration::from_secs(1);
+        let admin = Arc::new(HandoffsFail {
+            error,
+            tried: 0.into(),
+        });
+        let c = coordinator(lease, admin.clone());
+        let all = ["a", "b", "c"];
+        wait_all_own_slots(&c, &all).await;
+        assert!(
+            beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await,
+            "c's slots failed over"
+        );
+        let epochs = |c: &Coordinator| {
+            let map = c.placement();
+            map.colos
+                .values()
+                .flat_map(|cs| cs.slots.iter().map(|r| r.epoch))
+                .collect::<Vec<_>>()
+        };
+        let before = epochs(&c);
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(6), |_| admin
+                .tried
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 3)
+            .await,
+            "hand-backs to c were tried"
+        );
+        // A pass or two to publish whatever the failures call for.
+        beat_until(&c, &all, Duration::from_millis(500), |_| false).await;
+        (before, epochs(&c))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_back_the_owner_timed_out_leaves_its_epoch_alone_and_any_other_failure_bumps_it()
+    {
+        // The owner never fenced itself: republishing it at a new epoch would only send it
+        // through recovery again.
+        let (before, after) = epochs_around_failed_hand_backs(
+            r#"HTTP 503: {"error":{"code":"handoff_timeout","message":"c did not catch up"}}"#,
+        )
+        .await;
+        assert_eq!(before, after);
+        // Lost answer: the owner may have fenced itself at the hand-off's epoch, which must be
+        // published before anything else can serve the slot.
+        let (before, after) = epochs_around_failed_hand_backs("connection reset by peer").await;
+        assert!(
+            before.iter().zip(&after).any(|(b, a)| a > b),
+            "{before:?} -> {after:?}"
+        );
+        assert!(before.iter().zip(&after).all(|(b, a)| a >= b));
     }
 }
