@@ -644,11 +644,14 @@ mod tests {
     use crate::control::admin_client::SlotStatus;
     use futures::future::BoxFuture;
 
-    /// Node admin API of well-behaved followers. Hand-offs finish once the test sets `released`;
-    /// left unset they hang, as when the hand-off's target dies mid-way and the owner waits.
+    /// Node admin API of well-behaved followers. Hand-offs fail at once with `fail_with` when it
+    /// is set; otherwise they finish once the test sets `released`, and left unset they hang, as
+    /// when the hand-off's target dies mid-way and the owner waits. `tried` counts them.
     #[derive(Default)]
     struct HandoffsWait {
         released: std::sync::atomic::AtomicBool,
+        fail_with: Option<&'static str>,
+        tried: std::sync::atomic::AtomicU64,
     }
 
     impl NodeAdmin for HandoffsWait {
@@ -669,7 +672,12 @@ mod tests {
             _: &'a str,
             epoch: u64,
         ) -> BoxFuture<'a, Result<Lsn, String>> {
+            self.tried
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Box::pin(async move {
+                if let Some(error) = self.fail_with {
+                    return Err(error.to_string());
+                }
                 while !self.released.load(std::sync::atomic::Ordering::Acquire) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -845,51 +853,13 @@ mod tests {
         assert_eq!(c.placement().replicas_of(&colo, slot), Some(&failed_over));
     }
 
-    /// Node admin API whose hand-offs all fail at once with `error`; counts them.
-    struct HandoffsFail {
-        error: &'static str,
-        tried: std::sync::atomic::AtomicU64,
-    }
-
-    impl NodeAdmin for HandoffsFail {
-        fn fence<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: u32,
-            epoch: u64,
-        ) -> BoxFuture<'a, Result<Lsn, String>> {
-            Box::pin(async move { Ok(Lsn::new(epoch - 1, 7)) })
-        }
-        fn handoff<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: u32,
-            _: &'a str,
-            _: u64,
-        ) -> BoxFuture<'a, Result<Lsn, String>> {
-            self.tried
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Box::pin(async move { Err(self.error.to_string()) })
-        }
-        fn status<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: u32,
-        ) -> BoxFuture<'a, Result<SlotStatus, String>> {
-            Box::pin(async { Err("not used".to_string()) })
-        }
-    }
-
     /// Fails c's slots over, brings c back and lets hand-backs to it fail with `error` for a
     /// while; the epochs of all slots before and after.
     async fn epochs_around_failed_hand_backs(error: &'static str) -> (Vec<u64>, Vec<u64>) {
         let lease = Duration::from_secs(1);
-        let admin = Arc::new(HandoffsFail {
-            error,
-            tried: 0.into(),
+        let admin = Arc::new(HandoffsWait {
+            fail_with: Some(error),
+            ..HandoffsWait::default()
         });
         let c = coordinator(lease, admin.clone());
         let all = ["a", "b", "c"];
