@@ -263,8 +263,9 @@ impl Cluster {
     }
 
     /// The share of all slots that background tick `round` sweeps (see [`sweep_share`]). Shares
-    /// follow the map's order; a slot created meanwhile can shift them, so a slot may be missed
-    /// for one round and is swept in the next.
+    /// follow the map's order, which a newly created slot can reshuffle: while slots are being
+    /// created (placement changes) one may be missed for a second; once they stop, every slot is
+    /// swept once a second again.
     fn slots_to_sweep(&self, round: u64) -> Vec<Arc<Slot>> {
         self.slots
             .read()
