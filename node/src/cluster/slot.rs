@@ -904,29 +904,15 @@ impl Slot {
         timeout: Duration,
     ) -> Result<SlotPos, ApiError> {
         let deadline = Instant::now() + timeout;
-        loop {
-            let ready = {
-                let st = self.lock();
-                self.check_handoff(&st, to, epoch)?;
-                st.progress
-                    .iter()
-                    .find(|p| p.node == to)
-                    .is_some_and(|p| close_enough_to_drain(p.stream, p.acked, st.appended.lsn))
-            };
-            if ready {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(ApiError::unavailable(
-                    "handoff_timeout",
-                    format!(
-                        "{to} did not catch up with slot {} within {timeout:?}; the slot keeps its owner, which kept serving",
-                        self.key
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.wait_for_handoff(to, timeout, deadline, |st| {
+            self.check_handoff(st, to, epoch)?;
+            Ok(st
+                .progress
+                .iter()
+                .find(|p| p.node == to)
+                .is_some_and(|p| close_enough_to_drain(p.stream, p.acked, st.appended.lsn)))
+        })
+        .await?;
         {
             let mut st = self.lock();
             self.check_handoff(&st, to, epoch)?;
@@ -941,26 +927,14 @@ impl Slot {
         // Whatever ends this hand-off short of the fence — the timeout below, a fence that cannot
         // be journaled, or the caller giving up and dropping this future — the slot serves again.
         let _resume = ResumeUnlessFenced(self);
-        loop {
-            let (done, target_caught_up) = {
-                let st = self.lock();
-                let caught = st
-                    .progress
-                    .iter()
-                    .any(|p| p.node == to && p.acked >= st.appended.lsn);
-                (st.pending.is_empty(), caught)
-            };
-            if done && target_caught_up {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(ApiError::unavailable(
-                    "handoff_timeout",
-                    format!("{to} did not catch up within {timeout:?}; the slot keeps its owner"),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.wait_for_handoff(to, timeout, deadline, |st| {
+            let caught_up = st
+                .progress
+                .iter()
+                .any(|p| p.node == to && p.acked >= st.appended.lsn);
+            Ok(st.pending.is_empty() && caught_up)
+        })
+        .await?;
         self.fence(cl, epoch)
     }
 
@@ -979,6 +953,33 @@ impl Slot {
             };
             drop(st);
             self.changed.notify_waiters();
+        }
+    }
+
+    /// Checks `ready` on the slot's state every 10 ms until it holds (or fails); past `deadline`,
+    /// 503 `handoff_timeout`. Either way the slot keeps serving afterwards: a drained slot is
+    /// resumed by the hand-off's guard.
+    async fn wait_for_handoff(
+        &self,
+        to: &str,
+        timeout: Duration,
+        deadline: Instant,
+        ready: impl Fn(&SlotState) -> Result<bool, ApiError>,
+    ) -> Result<(), ApiError> {
+        loop {
+            if ready(&self.lock())? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ApiError::unavailable(
+                    "handoff_timeout",
+                    format!(
+                        "{to} did not catch up with slot {} within {timeout:?}; the slot keeps its owner, which serves on",
+                        self.key
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
