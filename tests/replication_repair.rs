@@ -496,6 +496,64 @@ async fn an_owner_republished_at_a_newer_epoch_after_a_failed_hand_off_serves_ag
     assert_eq!(get(&c, target, obj, "k").await, json!("after"));
 }
 
+/// A hand-off whose target never comes close gives up with 503 `handoff_timeout` after its bound,
+/// and the owner took writes the whole time: it never stopped to drain for a target that was not
+/// streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hand_off_to_a_target_that_never_gets_close_times_out_without_stopping_writes() {
+    let c = TestCluster::start(three_nodes()).await;
+    let obj = "never-close";
+    put(&c, 0, obj, "seed", json!("x")).await;
+    let owner = c.owner_of(obj).await;
+    let target = a_follower(&c, obj).await;
+    let (colo, slot) = slot_of(&c, obj).await;
+    // The target misses more entries than the owner keeps for resending, and stays cut off: it
+    // never streams again while the hand-off waits. (Cut off but caught up, it would count as
+    // close, and the owner would drain for it.)
+    c.proxy.block(&c.nodes[owner].name, &c.nodes[target].name);
+    for i in 0..530 {
+        put(&c, owner, obj, &format!("k{i:03}"), json!(i)).await;
+    }
+    let started = Instant::now();
+    let handoff = tokio::spawn(hand_off_request(&c, &colo, slot, target).send());
+    // Writes throughout the wait, each answered at once (a draining owner would hold it).
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let r = c
+            .client
+            .put(c.url(owner, &format!("/v1/ns/default/names/{obj}/kv/w{i}")))
+            .json(&json!(i))
+            .timeout(Duration::from_millis(1500))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("write {i} while the hand-off waited: {e}"));
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        assert_eq!(
+            status, 200,
+            "write {i}: the owner kept taking writes: {body}"
+        );
+    }
+    let r = handoff.await.expect("task").expect("handoff");
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("handoff_timeout"), "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(7),
+        "gave up after {:?}, before its 8 s bound",
+        started.elapsed()
+    );
+    assert_eq!(c.owner_of(obj).await, owner, "the slot kept its owner");
+    c.proxy.heal_all();
+    put(&c, owner, obj, "after", json!("y")).await;
+    for i in 0..5 {
+        assert_eq!(get(&c, owner, obj, &format!("w{i}")).await, json!(i));
+    }
+    assert_eq!(get(&c, owner, obj, "k529").await, json!(529));
+    assert_eq!(get(&c, owner, obj, "after").await, json!("y"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hand_off_to_a_follower_that_needs_a_snapshot_sync_completes() {
     let c = TestCluster::start(three_nodes()).await;
