@@ -134,14 +134,16 @@ async fn hand_off(c: &TestCluster, obj: &str, to: usize) {
             .send()
             .await
             .expect("handoff");
-        if r.status().is_success() && c.owner_of(obj).await == to {
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        if status.is_success() && c.owner_of(obj).await == to {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "hand-off to {} kept failing: {}",
+            "hand-off to {} kept failing: {status} {body}; the owner's report: {}",
             c.nodes[to].name,
-            r.status()
+            slot_report(c, c.owner_of(obj).await, &colo, slot).await
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
