@@ -698,6 +698,102 @@ storage: { logSegmentBytes: 4MiB }
     assert_eq!(s, 200);
 }
 
+/// Sends one HTTP/1.1 request on `conn` (the whole body, without waiting for an early answer,
+/// as most clients do) and reads the response: status, `Connection` header, JSON body.
+async fn raw_request(
+    conn: &mut tokio::net::TcpStream,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Option<String>, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: colony\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body).await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+    };
+    let len: usize = header("content-length")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while got.len() < end + len {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let json = serde_json::from_slice(&got[end..end + len]).unwrap_or(Value::Null);
+    Ok((
+        status,
+        header("connection").map(|v| v.trim().to_string()),
+        json,
+    ))
+}
+
+#[tokio::test]
+async fn a_client_that_sends_a_too_large_body_whole_reads_the_413_and_can_go_on() {
+    let node = TestNode::serve(
+        "listen: {listen}
+dataDir: {data}
+namespaces:
+  - name: small
+    limits: { maxRequestBytes: 64KiB }
+",
+    )
+    .await;
+    let path = "/v1/ns/small/names/big/sql";
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", node.port))
+        .await
+        .expect("connect");
+    // 4 MiB past the limit: more than the kernel buffers, so the server must read it to answer.
+    let big = format!(
+        "{{\"sql\": \"SELECT ?\", \"params\": [\"{}\"]}}",
+        "x".repeat(4 << 20)
+    );
+    for round in 0..3 {
+        let (status, connection, body) = raw_request(&mut conn, path, big.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the 413 never arrived: {e}"));
+        assert_eq!(status, 413, "round {round}: {body}");
+        assert_eq!(body["error"]["code"], "limit_exceeded", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("maxRequestBytes"), "{message}");
+        assert_eq!(connection, None, "a body read through keeps the connection");
+    }
+    // The same connection serves the next request, and nothing was written.
+    let (status, _, body) = raw_request(
+        &mut conn,
+        path,
+        br#"{"sql": "SELECT count(*) FROM sqlite_master"}"#,
+    )
+    .await
+    .expect("a request after the refused ones");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rows"], json!([[0]]), "{body}");
+}
+
 #[tokio::test]
 async fn objects_list_info_and_delete_all() {
     let mut node = TestNode::new().await;

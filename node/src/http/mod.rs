@@ -1,6 +1,7 @@
 //! The client-facing HTTP API, versioned under `/v1`, JSON in and out.
 
 mod admin;
+mod body;
 mod ids;
 mod internal;
 mod objects;
@@ -65,16 +66,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// Reads a request body up to the namespace's limit.
 pub async fn read_body(body: Body, ns: &Namespace) -> Result<axum::body::Bytes, ApiError> {
-    let limit = ns.config.limits.max_request_bytes.0 as usize;
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        let mut e = ApiError::limit(
-            413,
-            "maxRequestBytes",
-            format!("the request body is larger than {limit} bytes"),
-        );
-        e.close_connection = true;
-        e
-    })
+    body::read_limited(body, ns.config.limits.max_request_bytes.0 as usize).await
 }
 
 pub fn namespace<'a>(node: &'a Node, name: &str) -> Result<&'a Arc<Namespace>, ApiError> {
