@@ -400,6 +400,23 @@ async fn key_value_get_put_delete_list_and_batch() {
     );
     let (_, v) = node.get("/v1/ns/default/names/kv/kv/a").await;
     assert_eq!(v["value"], json!({"n": 1, "list": [1, "x", null]}));
+    // A value is stored as sent, less the whitespace between tokens: it reads back as the same
+    // JSON, and malformed JSON is refused.
+    let pretty = "{\n  \"text\": \"two  spaces\\n\",\n  \"list\": [ 1 ,\t2 ]\n}\n";
+    for (body, status) in [(pretty, 200), ("{\"open\": ", 400), ("1 2", 400)] {
+        let r = node
+            .client
+            .put(kv("/kv/sent"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("put");
+        let (s, v) = common::status_json(r).await;
+        assert_eq!(s, status, "{body:?}: {v}");
+    }
+    let (_, v) = node.get("/v1/ns/default/names/kv/kv/sent").await;
+    assert_eq!(v["value"], json!({"text": "two  spaces\n", "list": [1, 2]}));
     let r = node
         .client
         .delete(kv("/kv/a"))

@@ -17,7 +17,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,7 +54,7 @@ pub fn json_ok(value: &impl serde::Serialize) -> Response {
 }
 
 /// Parses a JSON body into `T`: malformed JSON and wrong shapes are 400s that say what is wrong.
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let code = match e.classify() {
             serde_json::error::Category::Data => "invalid_request",

@@ -289,8 +289,8 @@ async fn kv_put(
     let params = p.clone();
     call_with_body(&node, &p, inc, body, move |ns, bytes| {
         let key = key_param(&params, ns)?;
-        let value: serde_json::Value = parse_json(bytes)?;
-        let encoded = kv::encode_value(&key, &value, &ns.config.limits)?;
+        let value: &serde_json::value::RawValue = parse_json(bytes)?;
+        let encoded = kv::encode_sent_value(&key, value.get(), &ns.config.limits)?;
         Ok(Request::KvPut { key, encoded })
     })
     .await

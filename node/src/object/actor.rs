@@ -45,6 +45,13 @@ pub struct Actor {
     opened_epoch: u64,
 }
 
+/// A value read by key, answered as stored.
+#[derive(serde::Serialize)]
+struct KeyValue<'a> {
+    key: &'a str,
+    value: &'a serde_json::value::RawValue,
+}
+
 fn to_body(v: &impl serde::Serialize) -> Result<Vec<u8>, ApiError> {
     serde_json::to_vec(v).map_err(|e| ApiError::internal(format!("cannot encode response: {e}")))
 }
@@ -231,13 +238,15 @@ impl Actor {
                     to_body(&sql::execute(tx, statement, None)?)
                 }
             })?,
-            Request::KvGet(key) => db.transaction(time_limit, |tx| match kv::get(tx, key)? {
-                Some(value) => to_body(&json!({ "key": key, "value": value })),
-                None => Err(ApiError::not_found(
-                    "key_not_found",
-                    format!("no value under key {key:?}"),
-                )),
-            })?,
+            Request::KvGet(key) => {
+                db.transaction(time_limit, |tx| match kv::get_raw(tx, key)? {
+                    Some(value) => to_body(&KeyValue { key, value: &value }),
+                    None => Err(ApiError::not_found(
+                        "key_not_found",
+                        format!("no value under key {key:?}"),
+                    )),
+                })?
+            }
             Request::KvPut { key, encoded } => db.transaction(time_limit, |tx| {
                 kv::put(tx, key, encoded)?;
                 to_body(&json!({ "key": key, "stored": true }))
