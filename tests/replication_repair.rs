@@ -149,6 +149,30 @@ async fn hand_off(c: &TestCluster, obj: &str, to: usize) {
     }
 }
 
+/// Seeds `obj`, cuts one of its followers off from the owner, and writes `writes` keys
+/// (`k000`, `k001`, ... holding 0, 1, ...) through the owner: more than the 512 entries the
+/// owner keeps for resending, so that follower can no longer catch up by streaming. Connections
+/// reset, so nothing queued on them arrives later. Returns the owner, the follower and the slot.
+async fn a_follower_past_the_resend_window(
+    c: &TestCluster,
+    obj: &str,
+    writes: usize,
+) -> (usize, usize, String, u32) {
+    assert!(
+        writes > 512,
+        "{writes} writes stay within the resend window"
+    );
+    put(c, 0, obj, "seed", json!("x")).await;
+    let owner = c.owner_of(obj).await;
+    let target = a_follower(c, obj).await;
+    let (colo, slot) = slot_of(c, obj).await;
+    c.proxy.block(&c.nodes[owner].name, &c.nodes[target].name);
+    for i in 0..writes {
+        put(c, owner, obj, &format!("k{i:03}"), json!(i)).await;
+    }
+    (owner, target, colo, slot)
+}
+
 /// A node that follows `obj` (not its owner).
 async fn a_follower(c: &TestCluster, obj: &str) -> usize {
     c.followers_of(obj).await[0]
@@ -505,17 +529,9 @@ async fn an_owner_republished_at_a_newer_epoch_after_a_failed_hand_off_serves_ag
 async fn a_hand_off_to_a_target_that_never_gets_close_times_out_without_stopping_writes() {
     let c = TestCluster::start(three_nodes()).await;
     let obj = "never-close";
-    put(&c, 0, obj, "seed", json!("x")).await;
-    let owner = c.owner_of(obj).await;
-    let target = a_follower(&c, obj).await;
-    let (colo, slot) = slot_of(&c, obj).await;
-    // The target misses more entries than the owner keeps for resending, and stays cut off: it
-    // never streams again while the hand-off waits. (Cut off but caught up, it would count as
-    // close, and the owner would drain for it.)
-    c.proxy.block(&c.nodes[owner].name, &c.nodes[target].name);
-    for i in 0..530 {
-        put(&c, owner, obj, &format!("k{i:03}"), json!(i)).await;
-    }
+    // The target stays cut off: it never streams again while the hand-off waits. (Cut off but
+    // caught up, it would count as close, and the owner would drain for it.)
+    let (owner, target, colo, slot) = a_follower_past_the_resend_window(&c, obj, 530).await;
     let started = Instant::now();
     let handoff = tokio::spawn(hand_off_request(&c, &colo, slot, target).send());
     // Writes throughout the wait, each answered at once (a draining owner would hold it).
@@ -560,17 +576,9 @@ async fn a_hand_off_to_a_target_that_never_gets_close_times_out_without_stopping
 async fn a_hand_off_to_a_follower_that_needs_a_snapshot_sync_completes() {
     let c = TestCluster::start(three_nodes()).await;
     let obj = "needs-sync";
-    put(&c, 0, obj, "seed", json!("x")).await;
-    let owner = c.owner_of(obj).await;
-    let target = a_follower(&c, obj).await;
-    let (colo, slot) = slot_of(&c, obj).await;
-    // The target misses more entries than the owner keeps for resending (512): only a snapshot
-    // sync can bring it up, and it has to happen while the owner drains for the hand-off.
-    // (Connections reset, so nothing queued on them arrives later.)
-    c.proxy.block(&c.nodes[owner].name, &c.nodes[target].name);
-    for i in 0..600 {
-        put(&c, owner, obj, &format!("k{i:03}"), json!(i)).await;
-    }
+    // Only a snapshot sync can bring the target up, and it has to happen while the owner drains
+    // for the hand-off.
+    let (owner, target, colo, slot) = a_follower_past_the_resend_window(&c, obj, 600).await;
     let request = hand_off_request(&c, &colo, slot, target).send();
     let handoff = tokio::spawn(request);
     tokio::time::sleep(Duration::from_millis(500)).await;
