@@ -143,6 +143,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_that_breaks_off_is_a_400_that_says_so_and_closes_the_connection() {
+        let broken = Body::from_stream(stream::iter([
+            Ok(Bytes::from_static(b"{\"par")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "client went away",
+            )),
+        ]));
+        let err = read_limited(broken, 1 << 20)
+            .await
+            .expect_err("the body broke off");
+        assert_eq!((err.status, err.code), (400, "unreadable_body"));
+        assert!(err.message.contains("client went away"), "{}", err.message);
+        assert!(err.close_connection);
+    }
+
+    #[tokio::test]
     async fn a_body_far_over_the_limit_closes_the_connection_without_reading_it() {
         let huge = Bytes::from(vec![0u8; DRAIN_BYTES + 10]);
         let err = read_limited(Body::from(huge.clone()), 5)
