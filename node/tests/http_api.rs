@@ -370,6 +370,88 @@ async fn failed_requests_change_nothing_and_say_why() {
     assert_eq!(rows["rows"], json!([["a"]]));
 }
 
+/// A value reads back as it was stored (less whitespace) whichever way it is read — alone, in a
+/// batch or in a list — and a batch put stores values as sent too: key order, number spellings
+/// and numbers out of a double's range survive all of them.
+#[tokio::test]
+async fn key_value_reads_answer_values_as_stored_by_every_kind_of_read_and_write() {
+    let node = TestNode::new().await;
+    let kv = |rest: &str| node.obj("default", "raw", rest);
+    let send = |req: reqwest::RequestBuilder, body: String| async move {
+        let r = req
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.text().await.expect("body"))
+    };
+    // Each value as sent, and as it must read back (compact).
+    let values = [
+        (
+            "order",
+            "{ \"b\": 1, \"a\": [2.50, 1E2] }",
+            "{\"b\":1,\"a\":[2.50,1E2]}",
+        ),
+        ("huge", "1e400", "1e400"),
+        (
+            "long",
+            "123456789012345678901234567890",
+            "123456789012345678901234567890",
+        ),
+    ];
+    for (key, sent, _) in values {
+        let (s, body) = send(node.client.put(kv(&format!("/kv/{key}"))), sent.to_string()).await;
+        assert_eq!(s, 200, "put {key}: {body}");
+    }
+    let batch_put = format!(
+        "{{\"put\": {{ {} }}}}",
+        values
+            .iter()
+            .map(|(key, sent, _)| format!("\"b-{key}\": {sent}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (s, body) = send(node.client.post(kv("/kv")), batch_put).await;
+    assert_eq!(s, 200, "batch put: {body}");
+
+    for (key, _, stored) in values {
+        for k in [key.to_string(), format!("b-{key}")] {
+            let (s, body) = send(node.client.get(kv(&format!("/kv/{k}"))), String::new()).await;
+            assert_eq!(s, 200, "get {k}: {body}");
+            assert!(
+                body.contains(&format!("\"value\":{stored}")),
+                "get {k}: {body}"
+            );
+        }
+    }
+    let gets: Vec<String> = values
+        .iter()
+        .flat_map(|(key, _, _)| [key.to_string(), format!("b-{key}")])
+        .collect();
+    let (s, batch) = send(
+        node.client.post(kv("/kv")),
+        json!({ "get": gets }).to_string(),
+    )
+    .await;
+    assert_eq!(s, 200, "batch get: {batch}");
+    let (s, list) = send(node.client.get(kv("/kv")), String::new()).await;
+    assert_eq!(s, 200, "list: {list}");
+    for (key, _, stored) in values {
+        for k in [key.to_string(), format!("b-{key}")] {
+            assert!(
+                batch.contains(&format!("\"{k}\":{stored}")),
+                "batch get {k}: {batch}"
+            );
+            assert!(
+                list.contains(&format!("\"key\":\"{k}\",\"value\":{stored}")),
+                "list {k}: {list}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn key_value_get_put_delete_list_and_batch() {
     let node = TestNode::new().await;

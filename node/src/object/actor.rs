@@ -52,6 +52,20 @@ struct KeyValue<'a> {
     value: &'a serde_json::value::RawValue,
 }
 
+/// A page of a key/value list.
+#[derive(serde::Serialize)]
+struct KeyValues<'a> {
+    entries: Vec<KeyValue<'a>>,
+    cursor: Option<String>,
+}
+
+/// The answer to a key/value batch: the values it read, by key, and how many keys it deleted.
+#[derive(serde::Serialize)]
+struct BatchValues {
+    values: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>,
+    deleted: usize,
+}
+
 fn to_body(v: &impl serde::Serialize) -> Result<Vec<u8>, ApiError> {
     serde_json::to_vec(v).map_err(|e| ApiError::internal(format!("cannot encode response: {e}")))
 }
@@ -238,15 +252,13 @@ impl Actor {
                     to_body(&sql::execute(tx, statement, None)?)
                 }
             })?,
-            Request::KvGet(key) => {
-                db.transaction(time_limit, |tx| match kv::get_raw(tx, key)? {
-                    Some(value) => to_body(&KeyValue { key, value: &value }),
-                    None => Err(ApiError::not_found(
-                        "key_not_found",
-                        format!("no value under key {key:?}"),
-                    )),
-                })?
-            }
+            Request::KvGet(key) => db.transaction(time_limit, |tx| match kv::get(tx, key)? {
+                Some(value) => to_body(&KeyValue { key, value: &value }),
+                None => Err(ApiError::not_found(
+                    "key_not_found",
+                    format!("no value under key {key:?}"),
+                )),
+            })?,
             Request::KvPut { key, encoded } => db.transaction(time_limit, |tx| {
                 kv::put(tx, key, encoded)?;
                 to_body(&json!({ "key": key, "stored": true }))
@@ -259,14 +271,20 @@ impl Actor {
                 let page = kv::list(tx, opts)?;
                 let entries: Vec<_> = page
                     .entries
-                    .into_iter()
-                    .map(|(k, v)| json!({ "key": k, "value": v }))
+                    .iter()
+                    .map(|(key, value)| KeyValue { key, value })
                     .collect();
-                to_body(&json!({ "entries": entries, "cursor": page.cursor }))
+                to_body(&KeyValues {
+                    entries,
+                    cursor: page.cursor,
+                })
             })?,
             Request::KvBatch { batch, puts } => db.transaction(time_limit, |tx| {
                 let result = kv::apply_batch(tx, batch, puts)?;
-                to_body(&json!({ "values": result.values, "deleted": result.deleted }))
+                to_body(&BatchValues {
+                    values: result.values,
+                    deleted: result.deleted,
+                })
             })?,
             Request::Info => Committed {
                 value: to_body(&json!({

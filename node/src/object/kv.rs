@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as CURSOR_B64;
 use rusqlite::OptionalExtension;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value as Json};
+use std::collections::BTreeMap;
 
 pub const KV_TABLE: &str = "_colony_kv";
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _colony_kv (key BLOB PRIMARY KEY NOT NULL, value TEXT NOT NULL) WITHOUT ROWID";
@@ -36,12 +36,6 @@ pub fn check_key(key: &str, limits: &Limits) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-/// Serializes a value and checks key + value against the limits.
-pub fn encode_value(key: &str, value: &Json, limits: &Limits) -> Result<String, ApiError> {
-    check_key(key, limits)?;
-    check_value_size(key, value.to_string(), limits)
 }
 
 /// A value as the client sent it (`sent`, already checked to be JSON), stored without the
@@ -115,24 +109,17 @@ fn ensure_table(tx: &mut Tx<'_>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn decode(text: &str) -> Result<Json, ApiError> {
-    serde_json::from_str(text)
+/// A stored value, answered as stored: checking its text is cheaper than building the value and
+/// writing it out again, and every read answers the same spelling (key order, numbers — even
+/// those out of a double's range, which a value tree would refuse).
+fn stored_value(text: String) -> Result<Box<RawValue>, ApiError> {
+    RawValue::from_string(text)
         .map_err(|e| ApiError::internal(format!("stored value is not JSON: {e}")))
 }
 
-pub fn get(tx: &mut Tx<'_>, key: &str) -> Result<Option<Json>, ApiError> {
-    stored_text(tx, key)?.as_deref().map(decode).transpose()
-}
-
-/// The value under `key` as stored, for answering with it as is: checking its text is cheaper
-/// than building the value and writing it out again.
-pub fn get_raw(tx: &mut Tx<'_>, key: &str) -> Result<Option<Box<RawValue>>, ApiError> {
-    stored_text(tx, key)?
-        .map(|text| {
-            RawValue::from_string(text)
-                .map_err(|e| ApiError::internal(format!("stored value is not JSON: {e}")))
-        })
-        .transpose()
+/// The value under `key`, as stored.
+pub fn get(tx: &mut Tx<'_>, key: &str) -> Result<Option<Box<RawValue>>, ApiError> {
+    stored_text(tx, key)?.map(stored_value).transpose()
 }
 
 fn stored_text(tx: &mut Tx<'_>, key: &str) -> Result<Option<String>, ApiError> {
@@ -190,7 +177,7 @@ pub struct ListOptions {
 }
 
 pub struct ListPage {
-    pub entries: Vec<(String, Json)>,
+    pub entries: Vec<(String, Box<RawValue>)>,
     /// Present when there are more entries: pass it back as `cursor`.
     pub cursor: Option<String>,
 }
@@ -269,7 +256,7 @@ pub fn list(tx: &mut Tx<'_>, opts: &ListOptions) -> Result<ListPage, ApiError> {
     for (k, v) in rows.into_iter().take(limit) {
         let key = String::from_utf8(k.clone())
             .map_err(|_| ApiError::internal("stored key is not UTF-8"))?;
-        entries.push((key, decode(&v)?));
+        entries.push((key, stored_value(v)?));
         last_key = Some(k);
     }
     Ok(ListPage {
@@ -288,14 +275,15 @@ pub fn list(tx: &mut Tx<'_>, opts: &ListOptions) -> Result<ListPage, ApiError> {
 pub struct KvBatch {
     #[serde(default)]
     pub get: Vec<String>,
+    /// Values as sent: stored like a single put's.
     #[serde(default)]
-    pub put: Map<String, Json>,
+    pub put: BTreeMap<String, Box<RawValue>>,
     #[serde(default)]
     pub delete: Vec<String>,
 }
 
 pub struct BatchResult {
-    pub values: Map<String, Json>,
+    pub values: BTreeMap<String, Box<RawValue>>,
     pub deleted: usize,
 }
 
@@ -334,7 +322,7 @@ pub fn validate_batch(batch: &KvBatch, limits: &Limits) -> Result<Vec<(String, S
     batch
         .put
         .iter()
-        .map(|(k, v)| Ok((k.clone(), encode_value(k, v, limits)?)))
+        .map(|(k, v)| Ok((k.clone(), encode_sent_value(k, v.get(), limits)?)))
         .collect()
 }
 
@@ -350,7 +338,7 @@ pub fn apply_batch(
     for (k, v) in puts {
         put(tx, k, v)?;
     }
-    let mut values = Map::new();
+    let mut values = BTreeMap::new();
     for k in &batch.get {
         if let Some(v) = get(tx, k)? {
             values.insert(k.clone(), v);
@@ -362,6 +350,10 @@ pub fn apply_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).expect("JSON")
+    }
 
     #[test]
     fn sent_values_lose_only_the_whitespace_between_tokens() {
@@ -386,8 +378,8 @@ mod tests {
             let compact = compact_json(sent);
             assert_eq!(compact, want, "sent {sent:?}");
             assert_eq!(
-                serde_json::from_str::<Json>(&compact).expect("still JSON"),
-                serde_json::from_str::<Json>(sent).expect("valid JSON"),
+                serde_json::from_str::<serde_json::Value>(&compact).expect("still JSON"),
+                serde_json::from_str::<serde_json::Value>(sent).expect("valid JSON"),
                 "sent {sent:?}"
             );
         }
@@ -426,7 +418,7 @@ mod tests {
         assert!(e.message.contains("maxBatchKeys"), "{e}");
         b.get = vec!["a".into()];
         b.delete = vec!["x".into()];
-        b.put.insert("x".into(), Json::Null);
+        b.put.insert("x".into(), raw("null"));
         assert!(
             validate_batch(&b, &limits)
                 .expect_err("conflict")
@@ -435,7 +427,7 @@ mod tests {
         );
         b.delete.clear();
         b.put
-            .insert("big".into(), Json::String("v".repeat(3 << 20)));
+            .insert("big".into(), raw(&format!("{:?}", "v".repeat(3 << 20))));
         assert!(
             validate_batch(&b, &limits)
                 .expect_err("value")
