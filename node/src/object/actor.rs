@@ -165,12 +165,13 @@ impl Actor {
         if self.db.is_none() {
             self.opened_epoch = epoch;
             let path = env.db_path(&handle.key);
-            let db = ObjectDb::open(
+            let mut db = ObjectDb::open(
                 &path,
                 handle.key.clone(),
                 slot.key.clone(),
                 &handle.ns.config.limits,
             )?;
+            env.new_dirs.add(db.take_new_dirs());
             env.metrics.objects.opens.inc();
             env.note_opened(handle);
             tracing::debug!(object = %handle.key, slot = %slot.key, epoch, size = db.size_bytes(), "opened");
@@ -356,8 +357,10 @@ impl Actor {
                 // off this thread so the object keeps serving meanwhile.
                 // Only the log position: the object's newest slot position may belong to an entry
                 // that never became durable, and a skip by slot position could hide its successor.
+                // New files' names too (see `storage::dirs`).
                 let (log, object, slot_lsn) = (env.log.clone(), handle.key.clone(), Lsn::ZERO);
-                env.spawn_blocking(move || match file.sync_data() {
+                let new_dirs = env.new_dirs.clone();
+                env.spawn_blocking(move || match file.sync_data().and_then(|()| new_dirs.sync()) {
                     Ok(()) => log.append(Append {
                         kind: RecordKind::Checkpoint,
                         payload: encode_checkpoint(&Checkpoint {

@@ -39,6 +39,8 @@ pub struct ObjectEnv {
     pub objects_dir: PathBuf,
     pub storage: StorageConfig,
     pub metrics: Arc<Metrics>,
+    /// Directories with new object files, synced before the next checkpoint marker.
+    pub new_dirs: Arc<crate::storage::dirs::PendingDirs>,
     resident: AtomicUsize,
     /// Client requests between their arrival at `Objects::call` and their answer.
     in_flight: AtomicUsize,
@@ -62,6 +64,7 @@ impl ObjectEnv {
             objects_dir,
             storage,
             metrics,
+            new_dirs: Default::default(),
             resident: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             runtime,

@@ -1,6 +1,7 @@
 //! Durability: the node log, the record format it shares with replication and archiving, WAL
 //! capture, and recovery.
 
+pub mod dirs;
 pub mod log;
 pub mod record;
 pub mod recovery;

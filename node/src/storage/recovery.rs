@@ -298,16 +298,16 @@ pub fn recover(
     report.objects_deleted = applier.deleted.len();
     report.next_lsn = next_lsn;
 
-    // One syncfs makes every file written above durable; then directory entries.
-    if report.records > 0 {
-        let root = File::open(log_dir)?;
-        // SAFETY: syncfs takes any open file descriptor on the filesystem to sync.
-        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        for d in &applier.dirs {
-            segments::sync_dir(d)?;
-        }
+    // One syncfs makes every file written above durable; then directory entries. Even with
+    // nothing replayed: it also makes durable the names of database files a previous run
+    // created and had not synced yet (see `storage::dirs`), which this run takes as durable.
+    let root = File::open(log_dir)?;
+    // SAFETY: syncfs takes any open file descriptor on the filesystem to sync.
+    if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for d in &applier.dirs {
+        segments::sync_dir(d)?;
     }
     before_retire(&report)?;
 
