@@ -31,6 +31,10 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the data directory {path} is in use by another colony-node{holder}: stop it, or give this node its own dataDir"
+    )]
+    DataDirInUse { path: PathBuf, holder: String },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -54,12 +58,54 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub recovery: RecoveryReport,
     _log: LogRunner,
+    /// Held while the node runs (see `lock_data_dir`).
+    _data_lock: fs::File,
 }
 
 impl Node {
     pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
         self.namespaces.get(name)
     }
+}
+
+/// The file in the data directory that a running node holds locked.
+pub const DATA_LOCK_FILE: &str = "colony.lock";
+
+/// Locks the data directory for this process, and writes its pid into the lock file for the
+/// error another node would report. Two nodes on one directory would append to one node log and
+/// write the same databases, which are opened without SQLite's file locks (`ObjectDb::open`).
+fn lock_data_dir(data: &Path) -> Result<fs::File, StartError> {
+    use std::io::{Read, Seek, Write};
+    let path = data.join(DATA_LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(storage_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StartError::DataDirInUse {
+                path: data.to_path_buf(),
+                holder: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(storage_err(&path)(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(storage_err(&path))?;
+    Ok(file)
 }
 
 /// Lets the node hold one file descriptor per open database file and more.
@@ -151,6 +197,7 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
     let log_dir = data.join("log");
     let objects_dir = data.join("objects");
     fs::create_dir_all(&objects_dir).map_err(storage_err(&objects_dir))?;
+    let data_lock = lock_data_dir(&data)?;
 
     let mut namespaces = HashMap::new();
     for ns in &config.namespaces {
@@ -314,6 +361,7 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         metrics,
         recovery: report,
         _log: runner,
+        _data_lock: data_lock,
     });
     Ok((node, listener))
 }

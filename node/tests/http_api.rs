@@ -1041,3 +1041,47 @@ async fn unknown_routes_methods_namespaces_and_metrics() {
     assert!(node.metric("colony_log_fsyncs_total").await >= 1.0);
     assert!(node.metric("colony_database_bytes").await > 0.0);
 }
+
+/// A second node started on a data directory in use refuses to start and names the holder; the
+/// first keeps serving. A node killed with SIGKILL leaves no lock behind.
+#[tokio::test]
+async fn a_second_node_on_a_data_directory_in_use_refuses_to_start() {
+    let mut node = TestNode::new().await;
+    let (s, _) = node
+        .post(
+            "/v1/ns/default/names/locked/kv",
+            json!({"put": {"k": "first node"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let holder = node.child.as_ref().map(|c| c.id()).expect("running");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("second.yaml");
+    let yaml = common::DEFAULT_YAML
+        .replace("{listen}", &format!("127.0.0.1:{}", common::free_port()))
+        .replace("{data}", &node.data.display().to_string());
+    std::fs::write(&config, yaml).expect("write config");
+    let second = tokio::process::Command::new(common::binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), second)
+        .await
+        .expect("the second node exits")
+        .expect("run colony-node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another colony-node")
+            && stderr.contains(&format!("(pid {holder})")),
+        "{stderr}"
+    );
+
+    let (s, v) = node.get("/v1/ns/default/names/locked/kv/k").await;
+    assert_eq!((s, v["value"].clone()), (200, json!("first node")));
+    node.restart().await;
+    let (s, v) = node.get("/v1/ns/default/names/locked/kv/k").await;
+    assert_eq!((s, v["value"].clone()), (200, json!("first node")));
+}
