@@ -242,7 +242,7 @@ async fn run(
         chain: manifest.chain,
     };
     let dir = objects_dir.clone();
-    tokio::task::spawn_blocking(move || super_syncfs(&dir))
+    tokio::task::spawn_blocking(move || crate::storage::segments::sync_filesystem(&dir))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("syncfs: {e}"))?;
@@ -286,14 +286,4 @@ fn install(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)?;
     crate::storage::recovery::discard_wal(path)
-}
-
-fn super_syncfs(dir: &Path) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(dir)?;
-    // SAFETY: syncfs takes any open descriptor on the filesystem to sync.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -23,7 +23,7 @@ pub async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, ApiErro
     let announced = body.size_hint().lower();
     if announced > limit as u64 {
         // Content-Length says it is too large: nothing of it is kept.
-        let drained = announced <= (limit + DRAIN_BYTES) as u64 && drain(body).await;
+        let drained = announced <= limit.saturating_add(DRAIN_BYTES) as u64 && drain(body).await;
         return Err(too_large(limit, drained));
     }
     let mut first: Option<Bytes> = None;

@@ -59,13 +59,6 @@ struct KeyValues<'a> {
     cursor: Option<String>,
 }
 
-/// The answer to a key/value batch: the values it read, by key, and how many keys it deleted.
-#[derive(serde::Serialize)]
-struct BatchValues {
-    values: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>,
-    deleted: usize,
-}
-
 fn to_body(v: &impl serde::Serialize) -> Result<Vec<u8>, ApiError> {
     serde_json::to_vec(v).map_err(|e| ApiError::internal(format!("cannot encode response: {e}")))
 }
@@ -280,13 +273,9 @@ impl Actor {
                     cursor: page.cursor,
                 })
             })?,
-            Request::KvBatch { batch, puts } => db.transaction(time_limit, |tx| {
-                let result = kv::apply_batch(tx, batch, puts)?;
-                to_body(&BatchValues {
-                    values: result.values,
-                    deleted: result.deleted,
-                })
-            })?,
+            Request::KvBatch { batch, puts } => {
+                db.transaction(time_limit, |tx| to_body(&kv::apply_batch(tx, batch, puts)?))?
+            }
             Request::Info => Committed {
                 value: to_body(&json!({
                     "id": handle.key.id.to_hex(),

@@ -96,6 +96,16 @@ fn empty_if_never_written(path: &Path) -> Result<bool, ApiError> {
     if len > UNWRITTEN_CHECK_BYTES {
         return Ok(false);
     }
+    // Every database written at all starts with SQLite's 16-byte header: reopening one reads
+    // just that much here.
+    let mut header = [0u8; 16];
+    let head = header.len().min(len as usize);
+    std::fs::File::open(path)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut header[..head], 0))
+        .map_err(fail)?;
+    if header.iter().any(|&b| b != 0) {
+        return Ok(false);
+    }
     let bytes = std::fs::read(path).map_err(fail)?;
     let zeros = bytes.iter().all(|&b| b == 0);
     if zeros {

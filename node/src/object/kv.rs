@@ -119,10 +119,6 @@ fn stored_value(text: String) -> Result<Box<RawValue>, ApiError> {
 
 /// The value under `key`, as stored.
 pub fn get(tx: &mut Tx<'_>, key: &str) -> Result<Option<Box<RawValue>>, ApiError> {
-    stored_text(tx, key)?.map(stored_value).transpose()
-}
-
-fn stored_text(tx: &mut Tx<'_>, key: &str) -> Result<Option<String>, ApiError> {
     if !tx.db().has_kv_table()? {
         return Ok(None);
     }
@@ -135,7 +131,7 @@ fn stored_text(tx: &mut Tx<'_>, key: &str) -> Result<Option<String>, ApiError> {
             .optional()
             .map_err(tx_err)?
     };
-    Ok(text)
+    text.map(stored_value).transpose()
 }
 
 fn tx_err(e: rusqlite::Error) -> ApiError {
@@ -282,6 +278,8 @@ pub struct KvBatch {
     pub delete: Vec<String>,
 }
 
+/// The answer to a key/value batch: the values it read, by key, and how many keys it deleted.
+#[derive(serde::Serialize)]
 pub struct BatchResult {
     pub values: BTreeMap<String, Box<RawValue>>,
     pub deleted: usize,

@@ -22,7 +22,6 @@ use crate::lsn::Lsn;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -301,11 +300,7 @@ pub fn recover(
     // One syncfs makes every file written above durable; then directory entries. Even with
     // nothing replayed: it also makes durable the names of database files a previous run
     // created and had not synced yet (see `storage::dirs`), which this run takes as durable.
-    let root = File::open(log_dir)?;
-    // SAFETY: syncfs takes any open file descriptor on the filesystem to sync.
-    if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    segments::sync_filesystem(log_dir)?;
     for d in &applier.dirs {
         segments::sync_dir(d)?;
     }
