@@ -32,7 +32,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(
-        "the data directory {path} is in use by another colony-node{holder}: stop it, or give this node its own dataDir"
+        "the data directory {path} is in use by another colony-node{holder}: stop it, or give this node its own data directory (dataDir, or --data-dir for dev)"
     )]
     DataDirInUse { path: PathBuf, holder: String },
     #[error("cannot listen on {addr}: {source}")]
