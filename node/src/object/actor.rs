@@ -1,7 +1,7 @@
 //! One object's actor: executes its requests in order, hands each commit to its slot (which logs
 //! it and replicates it), and holds responses at the output gate until a quorum has them.
 
-use super::db::{Committed, ObjectDb};
+use super::db::{Committed, ObjectDb, WalReuse};
 use super::registry::{ObjectEnv, ObjectHandle};
 use super::{Reply, Request, kv, sql};
 use crate::cluster::slot::Slot;
@@ -339,7 +339,11 @@ impl Actor {
         let Ok(upto) = handle.gate.wait_settled() else {
             return;
         };
-        match db.checkpoint() {
+        match db.checkpoint(if force {
+            WalReuse::Release
+        } else {
+            WalReuse::Keep
+        }) {
             Ok(Some(file)) => {
                 env.metrics.objects.checkpoints.inc();
                 // The marker may only be logged once the database file is durable; the sync runs
@@ -390,7 +394,7 @@ impl Actor {
         let Some(db) = self.db.as_mut() else {
             return Err(ApiError::internal("database did not open"));
         };
-        db.checkpoint()?;
+        db.checkpoint(WalReuse::Release)?;
         let bytes = db.read_file()?;
         let lsn = slot.lock().appended.lsn;
         Ok((bytes, lsn))

@@ -427,15 +427,17 @@ impl ObjectDb {
     /// node log holds every captured commit durably. The database file is *not* synced here:
     /// the caller syncs the returned handle (off the actor's thread) before it records the
     /// checkpoint, since until then the node log still covers everything.
-    pub fn checkpoint(&mut self) -> Result<Option<Arc<File>>, ApiError> {
+    pub fn checkpoint(&mut self, mode: WalReuse) -> Result<Option<Arc<File>>, ApiError> {
         if self.frames_captured == 0 {
             return Ok(None);
         }
+        let pragma = match mode {
+            WalReuse::Keep => "PRAGMA wal_checkpoint(RESTART)",
+            WalReuse::Release => "PRAGMA wal_checkpoint(TRUNCATE)",
+        };
         let (busy, _, _): (i64, i64, i64) = self
             .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .query_row(pragma, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(sqlite_err)?;
         if busy != 0 {
             return Err(ApiError::internal("checkpoint could not complete"));
@@ -513,6 +515,18 @@ fn shrink_lookaside(conn: &Connection) {
             LOOKASIDE_SLOTS,
         );
     }
+}
+
+/// What a checkpoint does with the `-wal` file it has emptied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalReuse {
+    /// Keep its blocks: the next commits overwrite them from the start. For an object that is
+    /// writing: growing a truncated file again allocates blocks and has the filesystem zero
+    /// the part of each new block a frame does not fill (frames are 24 bytes longer than a
+    /// page, so most of them straddle two blocks).
+    Keep,
+    /// Truncate it to nothing, returning its space: for an object going idle or being copied.
+    Release,
 }
 
 pub fn wal_path_of(db: &Path) -> PathBuf {
@@ -657,6 +671,8 @@ mod tests {
     use super::*;
     use crate::id::ObjectId;
     use crate::object::sql::{self, SqlPlan, SqlRequest};
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
 
     fn plan(sql: &str, limits: &Limits) -> SqlPlan {
         serde_json::from_value::<SqlRequest>(serde_json::json!({ "sql": sql }))
@@ -708,6 +724,65 @@ mod tests {
             garbage,
             "the damaged file is untouched"
         );
+    }
+
+    /// A checkpoint of a writing object keeps the `-wal` file's blocks and the next commits
+    /// overwrite them from the start, captured correctly (their pages, applied to the
+    /// checkpointed file as a follower does, give the new contents); a releasing checkpoint
+    /// truncates the file.
+    #[test]
+    fn a_kept_wal_is_overwritten_from_its_start_and_a_released_one_is_emptied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = Limits::default();
+        let long = Duration::from_secs(10);
+        let mut db = open_db(dir.path());
+        let wal = wal_path_of(db.path());
+        let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let write = |db: &mut ObjectDb, sql: &str| {
+            let p = plan(sql, &limits);
+            db.transaction(long, |tx| sql::execute(tx, &p.statements[0], None))
+                .expect(sql)
+                .pages
+        };
+        write(&mut db, "CREATE TABLE t(v TEXT)");
+        write(&mut db, "INSERT INTO t VALUES (printf('%.*c', 20000, 'a'))");
+        write(&mut db, "UPDATE t SET v = printf('%.*c', 20000, 'b')");
+        let grown = wal_len();
+        assert!(db.checkpoint(WalReuse::Keep).expect("checkpoint").is_some());
+        assert_eq!(wal_len(), grown, "a kept WAL keeps its length");
+        let base = db.read_file().expect("read the checkpointed file");
+
+        let captured = write(&mut db, "UPDATE t SET v = printf('%.*c', 20000, 'c')")
+            .expect("the update wrote pages");
+        assert_eq!(
+            wal_len(),
+            grown,
+            "the commit overwrote the WAL from its start"
+        );
+        let copy = dir.path().join("copy.db");
+        std::fs::write(&copy, &base).expect("write the copy");
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .expect("open the copy");
+        let set = captured.entry.page_set().expect("a page set");
+        for (pgno, page) in set.pages() {
+            file.write_all_at(page, u64::from(pgno - 1) * u64::from(PAGE_SIZE))
+                .expect("apply a page");
+        }
+        file.set_len(u64::from(captured.db_pages) * u64::from(PAGE_SIZE))
+            .expect("size the copy");
+        let v: String = Connection::open(&copy)
+            .and_then(|c| c.query_row("SELECT v FROM t", [], |r| r.get(0)))
+            .expect("read the copy");
+        assert_eq!(v, "c".repeat(20000));
+
+        assert!(
+            db.checkpoint(WalReuse::Release)
+                .expect("checkpoint")
+                .is_some()
+        );
+        assert_eq!(wal_len(), 0, "a released WAL is emptied");
     }
 
     /// Defence in depth: a transaction somehow left open is rolled back (its writes gone)
