@@ -470,12 +470,18 @@ impl ObjectDb {
 }
 
 /// Process-wide SQLite settings; must run before the first connection opens (later calls are
-/// refused by SQLite and ignored). By default each connection's page cache allocates 20 pages up
-/// front (~88 KB); with thousands of small objects open that is most of the node's memory, so
-/// pages are allocated as they are used instead.
+/// refused by SQLite and ignored). SQLite allocates from mimalloc (see `sqlite_memory`). By
+/// default each connection's page cache allocates 20 pages up front (~88 KB); with thousands of
+/// small objects open that is most of the node's memory, so pages are allocated as they are used
+/// instead.
 pub fn configure_sqlite() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        if !super::sqlite_memory::use_mimalloc() {
+            tracing::warn!(
+                "SQLite was initialised before it could be configured; it allocates from the C library"
+            );
+        }
         // SAFETY: SQLITE_CONFIG_PAGECACHE with a null buffer only sets the initial page count; it
         // is called before any other SQLite use in this process (see `server::start`).
         let rc = unsafe {

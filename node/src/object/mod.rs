@@ -8,6 +8,7 @@ pub mod gate;
 pub mod kv;
 mod registry;
 pub mod sql;
+mod sqlite_memory;
 pub mod values;
 
 pub use registry::{ObjectEnv, Objects, db_path, sqlite_memory_used};
