@@ -80,7 +80,7 @@ impl Actor {
                 handle.gate.hold(Box::new(move |durable| {
                     let _ = reply.send(durable.and(result));
                 }));
-                self.maybe_checkpoint(false, handle, env);
+                self.maybe_checkpoint(false, WalReuse::Keep, handle, env);
             }
             Job::Close(done) => {
                 self.close(handle, env);
@@ -88,7 +88,7 @@ impl Actor {
                     let _ = done.send(());
                 }
             }
-            Job::Checkpoint => self.maybe_checkpoint(true, handle, env),
+            Job::Checkpoint => self.maybe_checkpoint(true, WalReuse::Keep, handle, env),
             Job::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot(handle, env));
             }
@@ -323,8 +323,16 @@ impl Actor {
     }
 
     /// Checkpoints the WAL into the database file once it is large (or when `force`d), but only
-    /// frames the node log already holds durably.
-    fn maybe_checkpoint(&mut self, force: bool, handle: &ObjectHandle, env: &ObjectEnv) {
+    /// frames the node log already holds durably. Only a closing object releases its `-wal`
+    /// file's space: forced checkpoints also come to busy objects (a WAL past the threshold,
+    /// or one holding back the node log's retirement), which would grow it again at once.
+    fn maybe_checkpoint(
+        &mut self,
+        force: bool,
+        reuse: WalReuse,
+        handle: &ObjectHandle,
+        env: &ObjectEnv,
+    ) {
         let threshold = env.storage.checkpoint_wal_bytes.0;
         let Some(db) = self.db.as_mut() else { return };
         let wal = db.wal_bytes();
@@ -339,11 +347,7 @@ impl Actor {
         let Ok(upto) = handle.gate.wait_settled() else {
             return;
         };
-        match db.checkpoint(if force {
-            WalReuse::Release
-        } else {
-            WalReuse::Keep
-        }) {
+        match db.checkpoint(reuse) {
             Ok(Some(file)) => {
                 env.metrics.objects.checkpoints.inc();
                 // The marker may only be logged once the database file is durable; the sync runs
@@ -404,7 +408,7 @@ impl Actor {
         if self.db.is_none() {
             return;
         }
-        self.maybe_checkpoint(true, handle, env);
+        self.maybe_checkpoint(true, WalReuse::Release, handle, env);
         if handle.gate.failed() {
             self.reset(handle, env);
         }

@@ -531,7 +531,8 @@ pub enum WalReuse {
     /// the part of each new block a frame does not fill (frames are 24 bytes longer than a
     /// page, so most of them straddle two blocks).
     Keep,
-    /// Truncate it to nothing, returning its space: for an object going idle or being copied.
+    /// Truncate it to nothing, returning its space: for an object closing (idle or evicted) or
+    /// being copied.
     Release,
 }
 
