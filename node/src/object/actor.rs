@@ -158,13 +158,13 @@ impl Actor {
         if self.db.is_none() {
             self.opened_epoch = epoch;
             let path = env.db_path(&handle.key);
-            let mut db = ObjectDb::open(
+            let db = ObjectDb::open(
                 &path,
                 handle.key.clone(),
                 slot.key.clone(),
                 &handle.ns.config.limits,
+                &env.new_dirs,
             )?;
-            env.new_dirs.add(db.take_new_dirs());
             env.metrics.objects.opens.inc();
             env.note_opened(handle);
             tracing::debug!(object = %handle.key, slot = %slot.key, epoch, size = db.size_bytes(), "opened");

@@ -11,6 +11,7 @@
 use super::authorizer::{Denial, authorize};
 use crate::config::Limits;
 use crate::error::ApiError;
+use crate::storage::dirs::PendingDirs;
 use crate::storage::record::{ObjectKey, SlotKey};
 use crate::storage::wal::{CapturedCommit, FRAME_HEADER_BYTES, WalReader};
 use rusqlite::config::DbConfig;
@@ -65,8 +66,6 @@ pub struct ObjectDb {
     kv_table: Option<bool>,
     /// Our own descriptor on the database file, to fsync it after checkpoints.
     db_file: Arc<File>,
-    /// Directories that gained entries when this open created the file (see `storage::dirs`).
-    new_dirs: Vec<PathBuf>,
 }
 
 fn sqlite_err(e: rusqlite::Error) -> ApiError {
@@ -126,11 +125,14 @@ impl ObjectDb {
         key: ObjectKey,
         slot: SlotKey,
         limits: &Limits,
+        new_dirs: &PendingDirs,
     ) -> Result<Self, ApiError> {
-        // Directories whose entries change when the file is new: its own, and the parent of
-        // each directory created for it.
+        // A file with content has a parent and a durable name (see `storage::dirs`): only a new
+        // one needs its directory made, and the directories whose entries it changes (its own,
+        // and the parent of each directory made for it) synced before its first checkpoint.
+        let new_file = empty_if_never_written(path)?;
         let mut changed_dirs: Vec<PathBuf> = Vec::new();
-        if let Some(parent) = path.parent() {
+        if let Some(parent) = path.parent().filter(|_| new_file) {
             changed_dirs.push(parent.to_path_buf());
             let mut missing = parent;
             while !missing.exists() {
@@ -142,7 +144,6 @@ impl ObjectDb {
                 ApiError::internal(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let new_file = empty_if_never_written(path)?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -168,7 +169,7 @@ impl ObjectDb {
         // database. Four fsyncs per new object made a first write cost 1.8 ms instead of 0.3,
         // and 64 objects created at once under load took up to 100 ms. The node log makes writes
         // durable, not these files: a new file that crashed unwritten is emptied above, and its
-        // name is synced before its first checkpoint marker (`take_new_dirs`).
+        // name is synced before its first checkpoint marker (`PendingDirs`).
         conn.pragma_update(None, "synchronous", "OFF")
             .map_err(sqlite_err)?;
         let mode: String = conn
@@ -241,9 +242,6 @@ impl ObjectDb {
         )
         .map_err(sqlite_err)?;
 
-        if !new_file {
-            changed_dirs.clear();
-        }
         let db_pages: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sqlite_err)?;
@@ -251,6 +249,7 @@ impl ObjectDb {
             File::open(path)
                 .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?,
         );
+        new_dirs.add(changed_dirs);
         Ok(ObjectDb {
             conn,
             key,
@@ -266,14 +265,7 @@ impl ObjectDb {
             max_pages,
             kv_table: None,
             db_file,
-            new_dirs: changed_dirs,
         })
-    }
-
-    /// Directories whose new entries (this file, directories made for it) are not durable yet:
-    /// they must be synced before a checkpoint marker for this object is logged.
-    pub fn take_new_dirs(&mut self) -> Vec<PathBuf> {
-        std::mem::take(&mut self.new_dirs)
     }
 
     pub fn key(&self) -> &ObjectKey {
@@ -694,6 +686,7 @@ mod tests {
             ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32])),
             SlotKey::new("c", 0),
             &Limits::default(),
+            &PendingDirs::default(),
         )
         .expect("open")
     }
@@ -724,12 +717,45 @@ mod tests {
             ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32])),
             SlotKey::new("c", 0),
             &limits,
+            &PendingDirs::default(),
         );
         assert!(opened.is_err(), "a damaged file is reported, not emptied");
         assert_eq!(
             std::fs::read(&path).expect("read"),
             garbage,
             "the damaged file is untouched"
+        );
+    }
+
+    /// A new file's directory, and each directory made for it, await a sync before its first
+    /// checkpoint; reopening a file that holds data adds none.
+    #[test]
+    fn a_new_database_file_notes_the_directories_it_changed_and_a_reopen_none() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let path = root.path().join("a").join("b").join("o.db");
+        let limits = Limits::default();
+        let key = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
+        let pending = PendingDirs::default();
+        let mut db = ObjectDb::open(&path, key.clone(), SlotKey::new("c", 0), &limits, &pending)
+            .expect("open a new file");
+        assert_eq!(
+            pending.len(),
+            3,
+            "b (the file's), a (made for b), the root (made for a)"
+        );
+        let create = plan("CREATE TABLE t(x INTEGER)", &limits);
+        db.transaction(Duration::from_secs(10), |tx| {
+            sql::execute(tx, &create.statements[0], None)
+        })
+        .expect("write");
+        db.checkpoint(WalReuse::Release).expect("checkpoint");
+        drop(db);
+        pending.sync().expect("sync");
+
+        ObjectDb::open(&path, key, SlotKey::new("c", 0), &limits, &pending).expect("reopen");
+        assert!(
+            pending.is_empty(),
+            "a file with data has a durable name already"
         );
     }
 

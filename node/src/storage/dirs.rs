@@ -38,10 +38,12 @@ impl PendingDirs {
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.dirs.lock().map(|d| d.len()).unwrap_or_default()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
