@@ -7,16 +7,18 @@
 //! [`WRITE_OUT_BYTES`]; and at once when the slot stops being followed (a promotion waits for its
 //! entries to be in the files). The written files are then made durable by the
 //! [`checkpointer`](super::checkpointer), which logs checkpoint markers for them so the node log
-//! can retire the segments holding their entries.
+//! can retire the segments holding their entries. Directories whose entries it changes (files
+//! created or removed) go into the node's [`PendingDirs`], synced before any checkpoint marker.
 
 use super::checkpointer::{Checkpointer, Durable};
 use super::slot::{Role, Slot};
 use crate::lsn::Lsn;
 use crate::namespace::Namespace;
+use crate::storage::dirs::PendingDirs;
 use crate::storage::log::NodeLog;
 use crate::storage::record::{Checkpoint, Entry, ObjectKey, PageSetView, RecordKind, SlotKey};
 use crate::storage::recovery::remove_database_files;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -40,6 +42,8 @@ enum Job {
 #[derive(Clone)]
 pub struct Applier {
     tx: Sender<Job>,
+    /// The node's directories with changed entries: the applier's and its serving objects'.
+    new_dirs: Arc<PendingDirs>,
 }
 
 /// How long pages are held before they are written and made durable. Longer holds write a hot
@@ -61,7 +65,8 @@ impl Applier {
         log: NodeLog,
     ) -> std::io::Result<Applier> {
         let (tx, rx) = mpsc::channel();
-        let checkpointer = Checkpointer::start(log)?;
+        let new_dirs = Arc::new(PendingDirs::default());
+        let checkpointer = Checkpointer::start(log, new_dirs.clone())?;
         let mut worker = Worker {
             objects_dir,
             namespaces,
@@ -70,13 +75,19 @@ impl Applier {
             held_bytes: 0,
             unwritten: HashMap::new(),
             dirty: HashMap::new(),
-            dirs: BTreeSet::new(),
+            new_dirs: new_dirs.clone(),
             last_write_out: Instant::now(),
         };
         std::thread::Builder::new()
             .name("colony-applier".into())
             .spawn(move || worker.run(rx))?;
-        Ok(Applier { tx })
+        Ok(Applier { tx, new_dirs })
+    }
+
+    /// Directories whose entries changed and are not yet durable, for the whole node: a serving
+    /// object syncs them before its checkpoint marker, as the applier's checkpointer does.
+    pub fn new_dirs(&self) -> &Arc<PendingDirs> {
+        &self.new_dirs
     }
 
     pub fn apply(&self, slot: Arc<Slot>, entry: Arc<Entry>, log_lsn: u64, floor: Option<Lsn>) {
@@ -116,8 +127,8 @@ struct Worker {
     /// Objects changed since the last write-out: log position and slot position of their last
     /// entry (what their checkpoint marker will say once the file is durable).
     dirty: HashMap<ObjectKey, (u64, Lsn)>,
-    /// Directories whose entries changed since the last write-out (files created or removed).
-    dirs: BTreeSet<PathBuf>,
+    /// Directories whose entries changed and are not yet durable (files created or removed).
+    new_dirs: Arc<PendingDirs>,
     last_write_out: Instant,
 }
 
@@ -207,11 +218,7 @@ impl Worker {
                 (path, marker)
             })
             .collect();
-        self.checkpointer.submit(Durable {
-            files,
-            dirs: std::mem::take(&mut self.dirs).into_iter().collect(),
-            done,
-        });
+        self.checkpointer.submit(Durable { files, done });
     }
 
     fn path_of(&self, key: &ObjectKey) -> PathBuf {
@@ -233,7 +240,7 @@ impl Worker {
                 let path = self.path_of(&key);
                 remove_database_files(&path)?;
                 if let Some(dir) = path.parent() {
-                    self.dirs.insert(dir.to_path_buf());
+                    self.new_dirs.add([dir.to_path_buf()]);
                 }
                 if let Some(ns) = self.namespace(&key.namespace) {
                     ns.mark_empty(&key.id);
@@ -274,15 +281,17 @@ impl Worker {
                     top = up;
                 }
                 std::fs::create_dir_all(dir)?;
+                let mut changed = Vec::new();
                 let mut d = dir;
                 while d != top {
-                    self.dirs.insert(d.to_path_buf());
+                    changed.push(d.to_path_buf());
                     d = d.parent().unwrap_or(top);
                 }
-                self.dirs.insert(top.to_path_buf());
+                changed.push(top.to_path_buf());
                 if let Some(up) = top.parent() {
-                    self.dirs.insert(up.to_path_buf());
+                    changed.push(up.to_path_buf());
                 }
+                self.new_dirs.add(changed);
             }
             let existed = path.exists();
             let file = OpenOptions::new()
@@ -292,7 +301,7 @@ impl Worker {
                 .truncate(false)
                 .open(&path)?;
             if !existed && let Some(dir) = path.parent() {
-                self.dirs.insert(dir.to_path_buf());
+                self.new_dirs.add([dir.to_path_buf()]);
             }
             if let Some(held) = self.held.get(&key) {
                 held.write_to(&file)?;
@@ -462,6 +471,63 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The applier's new directories and files go into the node's shared set: a serving object
+    /// syncs that set before its checkpoint marker, and after a promotion the new owner's first
+    /// marker for a file the applier created may come before the applier's own write-out. The
+    /// write-out's checkpointer syncs the set as well, and a delete adds its directory again.
+    #[test]
+    fn directories_the_applier_changes_stay_pending_on_the_node_until_synced() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        let runner =
+            crate::storage::log::start(&tmp.path().join("log"), 64 << 10, 0, metrics.log.clone())
+                .expect("log");
+        let objects = tmp.path().join("objects");
+        std::fs::create_dir_all(&objects).expect("objects dir");
+        let new_dirs = Arc::new(PendingDirs::default());
+        let mut worker = Worker {
+            objects_dir: objects.clone(),
+            namespaces: Arc::new(HashMap::new()),
+            checkpointer: Checkpointer::start(runner.log(), new_dirs.clone()).expect("start"),
+            held: HashMap::new(),
+            held_bytes: 0,
+            unwritten: HashMap::new(),
+            dirty: HashMap::new(),
+            new_dirs: new_dirs.clone(),
+            last_write_out: Instant::now(),
+        };
+        let first = entry(1, &[(1, 1)], 1);
+        worker.apply(&first, 10).expect("apply");
+        assert!(new_dirs.is_empty(), "nothing is created before a write-out");
+        worker.write_held().expect("write held pages");
+        let file = crate::object::db_path(&objects, &first.object());
+        assert!(file.exists(), "the applier created {}", file.display());
+        let shard = file.parent().expect("shard dir").to_path_buf();
+        let namespace = shard.parent().expect("namespace dir").to_path_buf();
+        assert_eq!(
+            new_dirs.pending(),
+            vec![objects.clone(), namespace.clone(), shard.clone()],
+            "the directories created, and the existing one that gained the first of them"
+        );
+
+        let (done, answered) = mpsc::channel();
+        worker.write_out(Some(done));
+        answered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the checkpointer answers");
+        assert!(new_dirs.is_empty(), "the write-out synced them");
+
+        let mut delete = Entry::delete(&first.object(), &SlotKey::new("c", 0));
+        delete.place_after(SlotPos::START, Lsn::new(1, 2));
+        worker.apply(&delete, 11).expect("apply the delete");
+        assert!(!file.exists(), "the delete removed the file");
+        assert_eq!(
+            new_dirs.pending(),
+            vec![shard],
+            "the directory that lost the file"
+        );
     }
 
     #[test]

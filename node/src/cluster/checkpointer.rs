@@ -8,19 +8,24 @@
 //!
 //! It runs on its own thread so the applier keeps applying (a promotion waits on the applier, not
 //! on durability: the entries are durable in the log already).
+//!
+//! The directories whose entries the applier changed are the node's [`PendingDirs`], the same
+//! set a serving object's checkpoint syncs before its marker: after a promotion the new owner may
+//! checkpoint a file the applier created before this thread has got to it, and its marker must not
+//! come before the file's name is durable either.
 
+use crate::storage::dirs::PendingDirs;
 use crate::storage::log::{Append, NodeLog};
 use crate::storage::record::{Checkpoint, RecordKind, encode_checkpoint};
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 
 /// Files written since the last batch, each with the marker to log once it is durable.
 pub struct Durable {
     pub files: Vec<(PathBuf, Checkpoint)>,
-    /// Directories whose entries changed (files created or removed).
-    pub dirs: Vec<PathBuf>,
     /// Answered once the batch is done (synced, or failed and logged).
     pub done: Option<Sender<()>>,
 }
@@ -31,11 +36,11 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    pub fn start(log: NodeLog) -> std::io::Result<Checkpointer> {
+    pub fn start(log: NodeLog, new_dirs: Arc<PendingDirs>) -> std::io::Result<Checkpointer> {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("colony-checkpoint".into())
-            .spawn(move || run(&log, rx))?;
+            .spawn(move || run(&log, &new_dirs, rx))?;
         Ok(Checkpointer {
             tx: Some(tx),
             thread: Some(thread),
@@ -43,7 +48,7 @@ impl Checkpointer {
     }
 
     pub fn submit(&self, batch: Durable) {
-        if batch.files.is_empty() && batch.dirs.is_empty() && batch.done.is_none() {
+        if batch.files.is_empty() && batch.done.is_none() {
             return;
         }
         if let Some(tx) = &self.tx {
@@ -60,9 +65,9 @@ impl Checkpointer {
     }
 }
 
-fn run(log: &NodeLog, rx: Receiver<Durable>) {
+fn run(log: &NodeLog, new_dirs: &PendingDirs, rx: Receiver<Durable>) {
     while let Ok(batch) = rx.recv() {
-        for c in make_durable(batch.files, &batch.dirs) {
+        for c in make_durable(batch.files, new_dirs) {
             log.append(Append {
                 kind: RecordKind::Checkpoint,
                 object: c.object.clone(),
@@ -78,10 +83,10 @@ fn run(log: &NodeLog, rx: Receiver<Durable>) {
 }
 
 /// Syncs the files (one removed since is skipped: its delete is a later entry) and then the
-/// directories, and returns the markers that may be logged. A file whose sync failed may have
-/// lost pages, so its entries stay in the log, unmarked, for a restart to replay; a failed
+/// pending directories, and returns the markers that may be logged. A file whose sync failed may
+/// have lost pages, so its entries stay in the log, unmarked, for a restart to replay; a failed
 /// directory sync holds back every marker of the batch (a new file's name may not be durable).
-pub fn make_durable(files: Vec<(PathBuf, Checkpoint)>, dirs: &[PathBuf]) -> Vec<Checkpoint> {
+pub fn make_durable(files: Vec<(PathBuf, Checkpoint)>, dirs: &PendingDirs) -> Vec<Checkpoint> {
     let mut ok = Vec::with_capacity(files.len());
     for (path, checkpoint) in files {
         let synced = match File::open(&path) {
@@ -96,16 +101,9 @@ pub fn make_durable(files: Vec<(PathBuf, Checkpoint)>, dirs: &[PathBuf]) -> Vec<
             }
         }
     }
-    for dir in dirs {
-        let synced = match File::open(dir) {
-            Ok(d) => d.sync_all(),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = synced {
-            tracing::error!(dir = %dir.display(), error = %e, "cannot sync a directory of followed database files; their log entries are kept");
-            return Vec::new();
-        }
+    if let Err(e) = dirs.sync() {
+        tracing::error!(error = %e, "cannot sync a directory of database files; the log keeps their entries");
+        return Vec::new();
     }
     ok
 }

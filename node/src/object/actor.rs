@@ -7,8 +7,8 @@ use super::{Reply, Request, kv, sql};
 use crate::cluster::slot::Slot;
 use crate::error::ApiError;
 use crate::lsn::Lsn;
-use crate::storage::log::Append;
-use crate::storage::record::{Checkpoint, Entry, RecordKind, encode_checkpoint};
+use crate::storage::log::{Append, NodeLog};
+use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind, encode_checkpoint};
 use crate::storage::recovery;
 use serde_json::json;
 use std::sync::Arc;
@@ -316,7 +316,19 @@ impl Actor {
         let existed = path.exists();
         recovery::remove_database_files(&path)
             .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
-        append_checkpoint(env, handle, delete_lsn, self.last_lsn);
+        // The marker lets the log drop the delete entry, so the removal must be durable first:
+        // otherwise a power cut could bring the old database back with nothing left to delete it.
+        if let Some(dir) = path.parent() {
+            env.new_dirs.add([dir.to_path_buf()]);
+        }
+        let (log, new_dirs, object) = (env.log.clone(), env.new_dirs.clone(), handle.key.clone());
+        let slot_lsn = self.last_lsn;
+        env.spawn_blocking(move || match new_dirs.sync() {
+            Ok(()) => append_checkpoint(&log, object, delete_lsn, slot_lsn),
+            Err(e) => {
+                tracing::warn!(object = %object, error = %e, "cannot sync the directory of a deleted database; the log keeps the delete")
+            }
+        });
         handle.ns.mark_empty(&handle.key.id);
         env.metrics.objects.database_bytes.dec_by(size as i64);
         to_body(&json!({ "id": handle.key.id.to_hex(), "deleted": existed }))
@@ -355,21 +367,10 @@ impl Actor {
                 // Only the log position: the object's newest slot position may belong to an entry
                 // that never became durable, and a skip by slot position could hide its successor.
                 // New files' names too (see `storage::dirs`).
-                let (log, object, slot_lsn) = (env.log.clone(), handle.key.clone(), Lsn::ZERO);
+                let (log, object) = (env.log.clone(), handle.key.clone());
                 let new_dirs = env.new_dirs.clone();
                 env.spawn_blocking(move || match file.sync_data().and_then(|()| new_dirs.sync()) {
-                    Ok(()) => log.append(Append {
-                        kind: RecordKind::Checkpoint,
-                        payload: encode_checkpoint(&Checkpoint {
-                            object: object.clone(),
-                            upto,
-                            slot_lsn,
-                        })
-                        .into(),
-                        object,
-                        fence: None,
-                        done: Box::new(|_| {}),
-                    }),
+                    Ok(()) => append_checkpoint(&log, object, upto, Lsn::ZERO),
                     Err(e) => tracing::warn!(object = %object, error = %e, "cannot sync a checkpointed database; the log keeps covering it"),
                 });
             }
@@ -458,17 +459,17 @@ impl Actor {
     }
 }
 
-fn append_checkpoint(env: &ObjectEnv, handle: &ObjectHandle, upto: u64, slot_lsn: Lsn) {
-    env.log.append(Append {
+fn append_checkpoint(log: &NodeLog, object: ObjectKey, upto: u64, slot_lsn: Lsn) {
+    log.append(Append {
         kind: RecordKind::Checkpoint,
-        object: handle.key.clone(),
-        fence: None,
         payload: encode_checkpoint(&Checkpoint {
-            object: handle.key.clone(),
+            object: object.clone(),
             upto,
             slot_lsn,
         })
         .into(),
+        object,
+        fence: None,
         done: Box::new(|_| {}),
     });
 }

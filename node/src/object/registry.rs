@@ -39,7 +39,8 @@ pub struct ObjectEnv {
     pub objects_dir: PathBuf,
     pub storage: StorageConfig,
     pub metrics: Arc<Metrics>,
-    /// Directories with new object files, synced before the next checkpoint marker.
+    /// Directories with new or removed object files (the applier's too), synced before the next
+    /// checkpoint marker.
     pub new_dirs: Arc<crate::storage::dirs::PendingDirs>,
     resident: AtomicUsize,
     /// Client requests between their arrival at `Objects::call` and their answer.
@@ -58,13 +59,13 @@ impl ObjectEnv {
         runtime: tokio::runtime::Handle,
     ) -> Self {
         ObjectEnv {
+            new_dirs: cluster.applier.new_dirs().clone(),
             cluster,
             log,
             log_dir,
             objects_dir,
             storage,
             metrics,
-            new_dirs: Default::default(),
             resident: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             runtime,

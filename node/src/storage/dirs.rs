@@ -32,10 +32,20 @@ impl PendingDirs {
     pub fn sync(&self) -> io::Result<()> {
         let mut pending = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(dir) = pending.first().cloned() {
-            super::segments::sync_dir(&dir)?;
+            super::segments::sync_dir(&dir)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
             pending.remove(&dir);
         }
         Ok(())
+    }
+
+    /// The directories still pending, in order.
+    #[cfg(test)]
+    pub fn pending(&self) -> Vec<PathBuf> {
+        self.dirs
+            .lock()
+            .map(|d| d.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     #[cfg(test)]
