@@ -1,9 +1,12 @@
-//! Directories whose entries changed (new object database files) and are not yet durable.
+//! Directories whose entries changed (object database files created or removed) and are not yet
+//! durable. One set per node: serving objects, the follower's applier and a delete all add to it.
 //!
 //! A new object's database file is not synced when it is created: the node log makes its writes
 //! durable. Its *name* must be durable before a checkpoint marker says the file holds the
-//! object's entries (the log then stops covering them), so the directories that gained entries
-//! are noted here and synced, all pending ones at once, before the next marker is logged. One
+//! object's entries (the log then stops covering them); a file's removal must be durable before
+//! the marker that lets the log drop the delete. So the directories whose entries changed are
+//! noted here and synced, all pending ones at once, before the next marker is logged, whichever
+//! thread logs it. One
 //! directory sync then serves every object created in it meanwhile, off the request path, where
 //! SQLite's creation of a file had cost four fsyncs per new object.
 //!
