@@ -66,18 +66,7 @@ impl Applier {
     ) -> std::io::Result<Applier> {
         let (tx, rx) = mpsc::channel();
         let new_dirs = Arc::new(PendingDirs::default());
-        let checkpointer = Checkpointer::start(log, new_dirs.clone())?;
-        let mut worker = Worker {
-            objects_dir,
-            namespaces,
-            checkpointer,
-            held: HashMap::new(),
-            held_bytes: 0,
-            unwritten: HashMap::new(),
-            dirty: HashMap::new(),
-            new_dirs: new_dirs.clone(),
-            last_write_out: Instant::now(),
-        };
+        let mut worker = Worker::new(objects_dir, namespaces, log, new_dirs.clone())?;
         std::thread::Builder::new()
             .name("colony-applier".into())
             .spawn(move || worker.run(rx))?;
@@ -133,6 +122,25 @@ struct Worker {
 }
 
 impl Worker {
+    fn new(
+        objects_dir: PathBuf,
+        namespaces: Arc<HashMap<String, Arc<Namespace>>>,
+        log: NodeLog,
+        new_dirs: Arc<PendingDirs>,
+    ) -> std::io::Result<Worker> {
+        Ok(Worker {
+            objects_dir,
+            namespaces,
+            checkpointer: Checkpointer::start(log, new_dirs.clone())?,
+            held: HashMap::new(),
+            held_bytes: 0,
+            unwritten: HashMap::new(),
+            dirty: HashMap::new(),
+            new_dirs,
+            last_write_out: Instant::now(),
+        })
+    }
+
     fn run(&mut self, rx: Receiver<Job>) {
         let mut worked = false;
         loop {
@@ -487,17 +495,13 @@ mod tests {
         let objects = tmp.path().join("objects");
         std::fs::create_dir_all(&objects).expect("objects dir");
         let new_dirs = Arc::new(PendingDirs::default());
-        let mut worker = Worker {
-            objects_dir: objects.clone(),
-            namespaces: Arc::new(HashMap::new()),
-            checkpointer: Checkpointer::start(runner.log(), new_dirs.clone()).expect("start"),
-            held: HashMap::new(),
-            held_bytes: 0,
-            unwritten: HashMap::new(),
-            dirty: HashMap::new(),
-            new_dirs: new_dirs.clone(),
-            last_write_out: Instant::now(),
-        };
+        let mut worker = Worker::new(
+            objects.clone(),
+            Arc::new(HashMap::new()),
+            runner.log(),
+            new_dirs.clone(),
+        )
+        .expect("worker");
         let first = entry(1, &[(1, 1)], 1);
         worker.apply(&first, 10).expect("apply");
         assert!(new_dirs.is_empty(), "nothing is created before a write-out");
