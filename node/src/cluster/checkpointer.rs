@@ -107,3 +107,48 @@ pub fn make_durable(files: Vec<(PathBuf, Checkpoint)>, dirs: &PendingDirs) -> Ve
     }
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ObjectId;
+    use crate::lsn::Lsn;
+    use crate::storage::record::ObjectKey;
+
+    fn marker(n: u8) -> Checkpoint {
+        Checkpoint {
+            object: ObjectKey::new("ns".into(), ObjectId::from_bytes([n; 32])),
+            upto: u64::from(n),
+            slot_lsn: Lsn::new(1, u64::from(n)),
+        }
+    }
+
+    /// Written files and removed ones (their delete comes later) get their markers, but only
+    /// once every pending directory is synced: one that cannot be holds back the whole batch.
+    #[test]
+    fn markers_wait_for_every_pending_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let written = tmp.path().join("written.db");
+        std::fs::write(&written, b"pages").expect("write");
+        let removed = tmp.path().join("removed.db");
+        let files = || vec![(written.clone(), marker(1)), (removed.clone(), marker(2))];
+        let pending = PendingDirs::default();
+        let missing = tmp.path().join("not-yet");
+        pending.add([tmp.path().to_path_buf(), missing.clone()]);
+
+        assert!(
+            make_durable(files(), &pending).is_empty(),
+            "a directory that cannot be synced holds back every marker"
+        );
+        assert_eq!(pending.pending(), vec![missing.clone()]);
+
+        std::fs::create_dir(&missing).expect("mkdir");
+        let ok = make_durable(files(), &pending);
+        assert_eq!(
+            ok.iter().map(|c| c.upto).collect::<Vec<_>>(),
+            vec![1, 2],
+            "both markers once the directories are durable"
+        );
+        assert!(pending.is_empty());
+    }
+}

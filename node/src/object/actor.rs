@@ -7,10 +7,12 @@ use super::{Reply, Request, kv, sql};
 use crate::cluster::slot::Slot;
 use crate::error::ApiError;
 use crate::lsn::Lsn;
+use crate::storage::dirs::PendingDirs;
 use crate::storage::log::{Append, NodeLog};
 use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind, encode_checkpoint};
 use crate::storage::recovery;
 use serde_json::json;
+use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -321,14 +323,7 @@ impl Actor {
         if let Some(dir) = path.parent() {
             env.new_dirs.add([dir.to_path_buf()]);
         }
-        let (log, new_dirs, object) = (env.log.clone(), env.new_dirs.clone(), handle.key.clone());
-        let slot_lsn = self.last_lsn;
-        env.spawn_blocking(move || match new_dirs.sync() {
-            Ok(()) => append_checkpoint(&log, object, delete_lsn, slot_lsn),
-            Err(e) => {
-                tracing::warn!(object = %object, error = %e, "cannot sync the directory of a deleted database; the log keeps the delete")
-            }
-        });
+        log_marker_once_durable(env, None, handle.key.clone(), delete_lsn, self.last_lsn);
         handle.ns.mark_empty(&handle.key.id);
         env.metrics.objects.database_bytes.dec_by(size as i64);
         to_body(&json!({ "id": handle.key.id.to_hex(), "deleted": existed }))
@@ -362,17 +357,9 @@ impl Actor {
         match db.checkpoint(reuse) {
             Ok(Some(file)) => {
                 env.metrics.objects.checkpoints.inc();
-                // The marker may only be logged once the database file is durable; the sync runs
-                // off this thread so the object keeps serving meanwhile.
                 // Only the log position: the object's newest slot position may belong to an entry
                 // that never became durable, and a skip by slot position could hide its successor.
-                // New files' names too (see `storage::dirs`).
-                let (log, object) = (env.log.clone(), handle.key.clone());
-                let new_dirs = env.new_dirs.clone();
-                env.spawn_blocking(move || match file.sync_data().and_then(|()| new_dirs.sync()) {
-                    Ok(()) => append_checkpoint(&log, object, upto, Lsn::ZERO),
-                    Err(e) => tracing::warn!(object = %object, error = %e, "cannot sync a checkpointed database; the log keeps covering it"),
-                });
+                log_marker_once_durable(env, Some(file), handle.key.clone(), upto, Lsn::ZERO);
             }
             Ok(None) => {}
             Err(e) => {
@@ -459,17 +446,101 @@ impl Actor {
     }
 }
 
-fn append_checkpoint(log: &NodeLog, object: ObjectKey, upto: u64, slot_lsn: Lsn) {
-    log.append(Append {
-        kind: RecordKind::Checkpoint,
-        payload: encode_checkpoint(&Checkpoint {
-            object: object.clone(),
+/// Logs the object's checkpoint marker once `file` (the checkpointed database, if any) and the
+/// node's pending directories are durable (see `storage::dirs`), off the actor's thread so the
+/// object keeps serving meanwhile. Until then, or if that fails, the log keeps covering it.
+fn log_marker_once_durable(
+    env: &ObjectEnv,
+    file: Option<Arc<File>>,
+    object: ObjectKey,
+    upto: u64,
+    slot_lsn: Lsn,
+) {
+    let (log, new_dirs) = (env.log.clone(), env.new_dirs.clone());
+    env.spawn_blocking(move || {
+        let marker = Checkpoint {
+            object,
             upto,
             slot_lsn,
-        })
-        .into(),
-        object,
+        };
+        if let Err(e) = append_marker_once_durable(&log, &new_dirs, file.as_deref(), marker) {
+            tracing::warn!(error = %e, "cannot make a database or its directory durable; the log keeps covering it");
+        }
+    });
+}
+
+fn append_marker_once_durable(
+    log: &NodeLog,
+    new_dirs: &PendingDirs,
+    file: Option<&File>,
+    marker: Checkpoint,
+) -> std::io::Result<()> {
+    if let Some(f) = file {
+        f.sync_data()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", marker.object)))?;
+    }
+    new_dirs.sync()?;
+    log.append(Append {
+        kind: RecordKind::Checkpoint,
+        payload: encode_checkpoint(&marker).into(),
+        object: marker.object,
         fence: None,
         done: Box::new(|_| {}),
     });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ObjectId;
+    use crate::storage::record::decode_checkpoint;
+
+    /// A marker waits for the pending directories: while one cannot be synced (here, it does not
+    /// exist yet) nothing is logged and the directory stays pending; once it syncs, the marker
+    /// is in the log.
+    #[test]
+    fn a_marker_is_logged_only_once_the_pending_directories_are_synced() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        let log_dir = tmp.path().join("log");
+        let runner =
+            crate::storage::log::start(&log_dir, 64 << 10, 0, metrics.log.clone()).expect("log");
+        let log = runner.log();
+        let pending = PendingDirs::default();
+        let dir = tmp.path().join("objects");
+        pending.add([dir.clone()]);
+        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
+        let marker = || Checkpoint {
+            object: object.clone(),
+            upto: 41,
+            slot_lsn: Lsn::new(1, 2),
+        };
+        let markers_logged = || {
+            log.sync().expect("log sync");
+            let mut found = Vec::new();
+            crate::storage::recovery::scan(&log_dir, u64::MAX, |_, kind, payload| {
+                if kind == RecordKind::Checkpoint {
+                    found.push(decode_checkpoint(payload).expect("a marker"));
+                }
+                Ok(())
+            })
+            .expect("scan");
+            found
+        };
+
+        assert!(append_marker_once_durable(&log, &pending, None, marker()).is_err());
+        assert!(markers_logged().is_empty(), "no marker before the sync");
+        assert_eq!(pending.pending(), vec![dir.clone()], "still pending");
+
+        std::fs::create_dir(&dir).expect("mkdir");
+        append_marker_once_durable(&log, &pending, None, marker()).expect("synced and logged");
+        assert!(pending.is_empty());
+        let logged = markers_logged();
+        assert_eq!(logged.len(), 1);
+        assert_eq!(
+            (&logged[0].object, logged[0].upto, logged[0].slot_lsn),
+            (&object, 41, Lsn::new(1, 2))
+        );
+    }
 }
