@@ -50,6 +50,8 @@ pub struct ObjectMetrics {
     pub evictions: Counter,
     pub checkpoints: Counter,
     pub resets: Counter,
+    /// Objects whose database file failed to sync and awaits a rebuild from the node log.
+    pub sync_failed: Gauge,
     /// Requests run on the async thread that received them (object idle, within the budget).
     pub inline: Counter,
     /// Requests that outran the inline budget, were rolled back and ran again on a blocking
@@ -140,6 +142,7 @@ impl Metrics {
             evictions: Counter::default(),
             checkpoints: Counter::default(),
             resets: Counter::default(),
+            sync_failed: Gauge::default(),
             inline: Counter::default(),
             inline_reruns: Counter::default(),
         };
@@ -147,6 +150,11 @@ impl Metrics {
             "objects_active",
             "Objects with a request queued or running",
             objects.active.clone(),
+        );
+        registry.register(
+            "objects_sync_failed",
+            "Objects whose database file failed to sync; their checkpoint markers wait until it is rebuilt from the node log",
+            objects.sync_failed.clone(),
         );
         registry.register(
             "objects_resident",

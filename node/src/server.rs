@@ -275,8 +275,14 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         storage.max_open_objects = fd_budget;
     }
     let namespaces = Arc::new(namespaces);
-    let applier = Applier::start(objects_dir.clone(), namespaces.clone(), runner.log())
-        .map_err(storage_err(&objects_dir))?;
+    let applier = Applier::start(
+        objects_dir.clone(),
+        namespaces.clone(),
+        runner.log(),
+        log_dir.clone(),
+        metrics.objects.sync_failed.clone(),
+    )
+    .map_err(storage_err(&objects_dir))?;
     let admin_token = match &config.admin_token_file {
         Some(path) => {
             let t = fs::read_to_string(path)

@@ -17,7 +17,8 @@ use crate::namespace::Namespace;
 use crate::storage::dirs::PendingDirs;
 use crate::storage::log::NodeLog;
 use crate::storage::record::{Checkpoint, Entry, ObjectKey, PageSetView, RecordKind, SlotKey};
-use crate::storage::recovery::remove_database_files;
+use crate::storage::recovery::{remove_database_files, replay_object};
+use crate::storage::sync_failures::SyncFailures;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -44,6 +45,8 @@ pub struct Applier {
     tx: Sender<Job>,
     /// The node's directories with changed entries: the applier's and its serving objects'.
     new_dirs: Arc<PendingDirs>,
+    /// The node's objects whose file failed to sync, for the same two.
+    sync_failures: Arc<SyncFailures>,
 }
 
 /// How long pages are held before they are written and made durable. Longer holds write a hot
@@ -59,24 +62,46 @@ pub const WRITE_OUT_BYTES: usize = 32 << 20;
 const APPLY_PAUSE: Duration = Duration::from_millis(10);
 
 impl Applier {
+    /// `log` writes to `log_dir` (read back to rebuild a file that failed to sync); `sync_failed`
+    /// counts the node's objects whose file failed to sync.
     pub fn start(
         objects_dir: PathBuf,
         namespaces: Arc<HashMap<String, Arc<Namespace>>>,
         log: NodeLog,
+        log_dir: PathBuf,
+        sync_failed: prometheus_client::metrics::gauge::Gauge,
     ) -> std::io::Result<Applier> {
         let (tx, rx) = mpsc::channel();
         let new_dirs = Arc::new(PendingDirs::default());
-        let mut worker = Worker::new(objects_dir, namespaces, log, new_dirs.clone())?;
+        let sync_failures = Arc::new(SyncFailures::new(sync_failed));
+        let mut worker = Worker::new(
+            objects_dir,
+            namespaces,
+            log,
+            log_dir,
+            new_dirs.clone(),
+            sync_failures.clone(),
+        )?;
         std::thread::Builder::new()
             .name("colony-applier".into())
             .spawn(move || worker.run(rx))?;
-        Ok(Applier { tx, new_dirs })
+        Ok(Applier {
+            tx,
+            new_dirs,
+            sync_failures,
+        })
     }
 
     /// Directories whose entries changed and are not yet durable, for the whole node: a serving
     /// object syncs them before its checkpoint marker, as the applier's checkpointer does.
     pub fn new_dirs(&self) -> &Arc<PendingDirs> {
         &self.new_dirs
+    }
+
+    /// Objects whose database file failed to sync, for the whole node: neither a serving object
+    /// nor the applier's checkpointer logs a marker for one until it is rebuilt.
+    pub fn sync_failures(&self) -> &Arc<SyncFailures> {
+        &self.sync_failures
     }
 
     pub fn apply(&self, slot: Arc<Slot>, entry: Arc<Entry>, log_lsn: u64, floor: Option<Lsn>) {
@@ -105,6 +130,7 @@ impl Applier {
 
 struct Worker {
     objects_dir: PathBuf,
+    log_dir: PathBuf,
     namespaces: Arc<HashMap<String, Arc<Namespace>>>,
     checkpointer: Checkpointer,
     /// Pages applied but not yet written, per object.
@@ -118,6 +144,7 @@ struct Worker {
     dirty: HashMap<ObjectKey, (u64, Lsn)>,
     /// Directories whose entries changed and are not yet durable (files created or removed).
     new_dirs: Arc<PendingDirs>,
+    sync_failures: Arc<SyncFailures>,
     last_write_out: Instant,
 }
 
@@ -126,17 +153,21 @@ impl Worker {
         objects_dir: PathBuf,
         namespaces: Arc<HashMap<String, Arc<Namespace>>>,
         log: NodeLog,
+        log_dir: PathBuf,
         new_dirs: Arc<PendingDirs>,
+        sync_failures: Arc<SyncFailures>,
     ) -> std::io::Result<Worker> {
         Ok(Worker {
             objects_dir,
+            log_dir,
             namespaces,
-            checkpointer: Checkpointer::start(log, new_dirs.clone())?,
+            checkpointer: Checkpointer::start(log, new_dirs.clone(), sync_failures.clone())?,
             held: HashMap::new(),
             held_bytes: 0,
             unwritten: HashMap::new(),
             dirty: HashMap::new(),
             new_dirs,
+            sync_failures,
             last_write_out: Instant::now(),
         })
     }
@@ -162,12 +193,7 @@ impl Worker {
                     floor,
                 }) => {
                     let lsn = entry.lsn();
-                    if floor.is_none_or(|f| lsn > f) {
-                        // The entry is durable in the log, but the file must hold it before the
-                        // slot counts it as applied (a promotion waits for that): retry until the
-                        // disk takes it — later entries wait in line.
-                        self.retrying(|w| w.apply(&entry, log_lsn));
-                    }
+                    self.take_entry(&entry, log_lsn, floor);
                     // Anything but a follower (a recovering owner catching up) needs its entries
                     // in the files now.
                     let followed = matches!(slot.role(), Role::Follower { .. });
@@ -229,6 +255,38 @@ impl Worker {
         self.checkpointer.submit(Durable { files, done });
     }
 
+    /// Takes an entry into the held pages, unless a snapshot sync's `floor` covers it. The entry
+    /// is durable in the log, but the file must hold it before the slot counts it as applied (a
+    /// promotion waits for that): retries until the disk takes it — later entries wait in line.
+    fn take_entry(&mut self, entry: &Entry, log_lsn: u64, floor: Option<Lsn>) {
+        if self.sync_failures.is_marked(&entry.object()) {
+            self.repair(&entry.object(), log_lsn, floor);
+        }
+        if floor.is_none_or(|f| entry.lsn() > f) {
+            self.retrying(|w| w.apply(entry, log_lsn));
+        }
+    }
+
+    /// Rebuilds a followed object's file that failed to sync from the node log, up to the entry
+    /// at `log_lsn` (about to be applied again: applying an entry twice in order changes
+    /// nothing), so its markers can resume. Pages held for it are entries the replay includes;
+    /// their write-out rewrites the same content. On failure it stays marked and the next entry
+    /// tries again.
+    fn repair(&mut self, key: &ObjectKey, log_lsn: u64, floor: Option<Lsn>) {
+        let path = self.path_of(key);
+        let log_dir = &self.log_dir;
+        let rebuilt = self.sync_failures.repair(key, || {
+            replay_object(log_dir, key, &path, log_lsn, floor).map(|_| ())
+        });
+        // The replay may have created the file: its name must be durable before a marker.
+        if let (Ok(true), Some(dir)) = (&rebuilt, path.parent()) {
+            self.new_dirs.add([dir.to_path_buf()]);
+        }
+        if let Err(e) = rebuilt {
+            tracing::error!(object = %key, error = %e, "cannot rebuild a followed database from the node log; retrying at its next entry");
+        }
+    }
+
     fn path_of(&self, key: &ObjectKey) -> PathBuf {
         crate::object::db_path(&self.objects_dir, key)
     }
@@ -247,6 +305,7 @@ impl Worker {
                 }
                 let path = self.path_of(&key);
                 remove_database_files(&path)?;
+                self.sync_failures.forget(&key);
                 if let Some(dir) = path.parent() {
                     self.new_dirs.add([dir.to_path_buf()]);
                 }
@@ -499,7 +558,9 @@ mod tests {
             objects.clone(),
             Arc::new(HashMap::new()),
             runner.log(),
+            tmp.path().join("log"),
             new_dirs.clone(),
+            Arc::new(SyncFailures::default()),
         )
         .expect("worker");
         let first = entry(1, &[(1, 1)], 1);
@@ -541,5 +602,83 @@ mod tests {
             held.take(&entry(seq, &[(2, 9)], 2).page_set().expect("page set"));
         }
         assert_eq!(held.bytes(), PAGE as usize);
+    }
+
+    /// A followed file whose sync failed (its pages may be lost while the cache shows them) is
+    /// rebuilt from the node log when its next entry arrives, and then holds exactly what applying
+    /// every entry in turn gives; its markers resume.
+    #[test]
+    fn a_followed_file_that_failed_to_sync_is_rebuilt_from_the_log_at_its_next_entry() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        let log_dir = tmp.path().join("log");
+        let runner =
+            crate::storage::log::start(&log_dir, 64 << 10, 0, metrics.log.clone()).expect("log");
+        let objects = tmp.path().join("objects");
+        std::fs::create_dir_all(&objects).expect("objects dir");
+        let failures = Arc::new(SyncFailures::default());
+        let mut worker = Worker::new(
+            objects.clone(),
+            Arc::new(HashMap::new()),
+            runner.log(),
+            log_dir.clone(),
+            Arc::new(PendingDirs::default()),
+            failures.clone(),
+        )
+        .expect("worker");
+        let entries = [
+            entry(1, &[(1, 0xa1), (2, 0xa2)], 2),
+            entry(2, &[(2, 0xb2), (3, 0xb3)], 3),
+            entry(3, &[(1, 0xc1)], 3),
+        ];
+        // Logged as a follower logs them, at the log positions the applier is given.
+        let log_lsns: Vec<u64> = entries
+            .iter()
+            .map(|e| {
+                let (tx, rx) = mpsc::channel();
+                runner.log().append(crate::storage::log::Append {
+                    kind: e.kind,
+                    object: e.object(),
+                    fence: None,
+                    payload: bytes::Bytes::copy_from_slice(e.bytes()),
+                    done: Box::new(move |r| {
+                        let _ = tx.send(r.expect("logged"));
+                    }),
+                });
+                runner.log().sync().expect("log sync");
+                rx.recv().expect("log position")
+            })
+            .collect();
+
+        for (e, lsn) in entries.iter().zip(&log_lsns).take(2) {
+            worker.take_entry(e, *lsn, None);
+        }
+        worker.write_held().expect("write held pages");
+        let file = crate::object::db_path(&objects, &entries[0].object());
+        let written = std::fs::read(&file).expect("read");
+        // The failed writeback: the pages are gone from the disk, and the sync said so once.
+        std::fs::write(&file, vec![0u8; written.len()]).expect("lose the pages");
+        let failing = || Err(std::io::Error::other("injected writeback error"));
+        assert!(failures.sync_file(&entries[0].object(), failing).is_err());
+
+        worker.take_entry(&entries[2], log_lsns[2], None);
+        worker.write_held().expect("write held pages");
+        assert!(!failures.is_marked(&entries[0].object()), "rebuilt");
+        let expected = tmp.path().join("expected.db");
+        let plain = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&expected)
+            .expect("file");
+        for e in &entries {
+            write_entry(&plain, &e.page_set().expect("page set")).expect("plain write");
+        }
+        assert_eq!(
+            std::fs::read(&file).expect("read"),
+            std::fs::read(&expected).expect("read"),
+            "the rebuilt file holds every entry"
+        );
     }
 }

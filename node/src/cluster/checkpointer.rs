@@ -9,6 +9,9 @@
 //! It runs on its own thread so the applier keeps applying (a promotion waits on the applier, not
 //! on durability: the entries are durable in the log already).
 //!
+//! A file that fails to sync marks its object in the node's [`SyncFailures`]: no marker for it,
+//! from this batch or a later one, until the file is rebuilt from the log (see there).
+//!
 //! The directories whose entries the applier changed are the node's [`PendingDirs`], the same
 //! set a serving object's checkpoint syncs before its marker: after a promotion the new owner may
 //! checkpoint a file the applier created before this thread has got to it, and its marker must not
@@ -17,9 +20,10 @@
 use crate::storage::dirs::PendingDirs;
 use crate::storage::log::{Append, NodeLog};
 use crate::storage::record::{Checkpoint, RecordKind, encode_checkpoint};
+use crate::storage::sync_failures::SyncFailures;
 use std::fs::File;
-use std::io::ErrorKind;
-use std::path::PathBuf;
+use std::io::{self, ErrorKind};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 
@@ -36,11 +40,15 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    pub fn start(log: NodeLog, new_dirs: Arc<PendingDirs>) -> std::io::Result<Checkpointer> {
+    pub fn start(
+        log: NodeLog,
+        new_dirs: Arc<PendingDirs>,
+        sync_failures: Arc<SyncFailures>,
+    ) -> std::io::Result<Checkpointer> {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("colony-checkpoint".into())
-            .spawn(move || run(&log, &new_dirs, rx))?;
+            .spawn(move || run(&log, &new_dirs, &sync_failures, rx))?;
         Ok(Checkpointer {
             tx: Some(tx),
             thread: Some(thread),
@@ -65,16 +73,21 @@ impl Checkpointer {
     }
 }
 
-fn run(log: &NodeLog, new_dirs: &PendingDirs, rx: Receiver<Durable>) {
+fn run(log: &NodeLog, new_dirs: &PendingDirs, failures: &SyncFailures, rx: Receiver<Durable>) {
     while let Ok(batch) = rx.recv() {
-        for c in make_durable(batch.files, new_dirs) {
-            log.append(Append {
-                kind: RecordKind::Checkpoint,
-                object: c.object.clone(),
-                fence: None,
-                payload: encode_checkpoint(&c).into(),
-                done: Box::new(|_| {}),
+        for c in make_durable(batch.files, new_dirs, failures, sync_data) {
+            let logged = failures.log_marker(&c.object, || {
+                log.append(Append {
+                    kind: RecordKind::Checkpoint,
+                    object: c.object.clone(),
+                    fence: None,
+                    payload: encode_checkpoint(&c).into(),
+                    done: Box::new(|_| {}),
+                })
             });
+            if let Err(e) = logged {
+                tracing::warn!(error = %e, "checkpoint marker held back");
+            }
         }
         if let Some(done) = batch.done {
             let _ = done.send(());
@@ -82,18 +95,30 @@ fn run(log: &NodeLog, new_dirs: &PendingDirs, rx: Receiver<Durable>) {
     }
 }
 
-/// Syncs the files (one removed since is skipped: its delete is a later entry) and then the
-/// pending directories, and returns the markers that may be logged. A file whose sync failed may
-/// have lost pages, so its entries stay in the log, unmarked, for a restart to replay; a failed
-/// directory sync holds back every marker of the batch (a new file's name may not be durable).
-pub fn make_durable(files: Vec<(PathBuf, Checkpoint)>, dirs: &PendingDirs) -> Vec<Checkpoint> {
+/// `fdatasync` of a written file; one removed since counts as synced (its delete is a later
+/// entry, and the marker of a removed file covers nothing it could lose).
+fn sync_data(path: &Path) -> io::Result<()> {
+    match File::open(path) {
+        Ok(f) => f.sync_data(),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Syncs the files with `sync` and then the pending directories, and returns the markers that
+/// may be logged. A file whose sync failed may have lost pages, so its entries stay in the log,
+/// unmarked, and so do those of every later batch, until the file is rebuilt (its object is
+/// marked in `failures`); a failed directory sync holds back every marker of the batch (a new
+/// file's name may not be durable).
+pub fn make_durable(
+    files: Vec<(PathBuf, Checkpoint)>,
+    dirs: &PendingDirs,
+    failures: &SyncFailures,
+    sync: impl Fn(&Path) -> io::Result<()>,
+) -> Vec<Checkpoint> {
     let mut ok = Vec::with_capacity(files.len());
     for (path, checkpoint) in files {
-        let synced = match File::open(&path) {
-            Ok(f) => f.sync_data(),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        };
+        let synced = failures.sync_file(&checkpoint.object, || sync(&path));
         match synced {
             Ok(()) => ok.push(checkpoint),
             Err(e) => {
@@ -136,19 +161,66 @@ mod tests {
         let missing = tmp.path().join("not-yet");
         pending.add([tmp.path().to_path_buf(), missing.clone()]);
 
+        let failures = SyncFailures::default();
         assert!(
-            make_durable(files(), &pending).is_empty(),
+            make_durable(files(), &pending, &failures, sync_data).is_empty(),
             "a directory that cannot be synced holds back every marker"
         );
         assert_eq!(pending.pending(), vec![missing.clone()]);
 
         std::fs::create_dir(&missing).expect("mkdir");
-        let ok = make_durable(files(), &pending);
+        let ok = make_durable(files(), &pending, &failures, sync_data);
         assert_eq!(
             ok.iter().map(|c| c.upto).collect::<Vec<_>>(),
             vec![1, 2],
             "both markers once the directories are durable"
         );
         assert!(pending.is_empty());
+    }
+
+    /// A file whose sync fails keeps its entries in the log: no marker for it in that batch, nor
+    /// in a later one whose sync of it succeeds (Linux reports a lost writeback only once), until
+    /// it is rebuilt. The other files of the batches are not held back.
+    #[test]
+    fn a_file_that_failed_to_sync_gets_no_later_marker_until_rebuilt() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (good, bad) = (tmp.path().join("good.db"), tmp.path().join("bad.db"));
+        std::fs::write(&good, b"pages").expect("write");
+        std::fs::write(&bad, b"pages").expect("write");
+        // Markers for the same two objects (1 and 2), at log position `n`.
+        let at = |object: u8, n: u64| Checkpoint {
+            upto: n,
+            ..marker(object)
+        };
+        let batch = |n: u64| vec![(good.clone(), at(1, n)), (bad.clone(), at(2, n + 1))];
+        let pending = PendingDirs::default();
+        let failures = SyncFailures::default();
+        let bad_fails = |p: &Path| {
+            if p == bad {
+                Err(io::Error::other("injected writeback error"))
+            } else {
+                sync_data(p)
+            }
+        };
+        let uptos = |ok: Vec<Checkpoint>| ok.iter().map(|c| c.upto).collect::<Vec<_>>();
+
+        assert_eq!(
+            uptos(make_durable(batch(1), &pending, &failures, bad_fails)),
+            vec![1]
+        );
+        assert!(failures.is_marked(&marker(2).object));
+        assert!(!failures.is_marked(&marker(1).object));
+        assert_eq!(
+            uptos(make_durable(batch(3), &pending, &failures, sync_data)),
+            vec![3],
+            "a later clean sync of the failed file does not bring its marker back"
+        );
+        failures
+            .repair(&marker(2).object, || Ok(()))
+            .expect("rebuilt");
+        assert_eq!(
+            uptos(make_durable(batch(5), &pending, &failures, sync_data)),
+            vec![5, 6]
+        );
     }
 }

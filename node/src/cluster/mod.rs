@@ -740,7 +740,14 @@ mod tests {
         let namespaces = Arc::new(HashMap::new());
         let objects = dir.path().join("objects");
         std::fs::create_dir_all(&objects).expect("objects dir");
-        let applier = Applier::start(objects, namespaces.clone(), runner.log()).expect("applier");
+        let applier = Applier::start(
+            objects,
+            namespaces.clone(),
+            runner.log(),
+            dir.path().join("log"),
+            metrics.objects.sync_failed.clone(),
+        )
+        .expect("applier");
         let cluster = Cluster::new(ClusterSetup {
             admin_token: None,
             me: "n1".into(),

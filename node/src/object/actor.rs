@@ -11,6 +11,7 @@ use crate::storage::dirs::PendingDirs;
 use crate::storage::log::{Append, NodeLog};
 use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind, encode_checkpoint};
 use crate::storage::recovery;
+use crate::storage::sync_failures::SyncFailures;
 use serde_json::json;
 use std::fs::File;
 use std::sync::Arc;
@@ -123,6 +124,7 @@ impl Actor {
             || full_limit <= INLINE_BUDGET
             || self.db.is_none()
             || handle.gate.failed()
+            || env.sync_failures.is_marked(&handle.key)
         {
             return Some(Job::Client { request, reply });
         }
@@ -155,7 +157,10 @@ impl Actor {
         if self.db.is_some() && self.opened_epoch != epoch {
             tracing::warn!(object = %handle.key, opened = self.opened_epoch, now = epoch, "database open from an earlier ownership; rebuilding it from the log");
             // Not a checkpoint: the WAL may predate entries written into the file since.
-            self.rebuild(handle, env);
+            let _ = self.rebuild(handle, env);
+        }
+        if env.sync_failures.is_marked(&handle.key) {
+            self.repair_failed_sync(handle, env);
         }
         if self.db.is_none() {
             self.opened_epoch = epoch;
@@ -318,6 +323,7 @@ impl Actor {
         let existed = path.exists();
         recovery::remove_database_files(&path)
             .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
+        env.sync_failures.forget(&handle.key);
         // The marker lets the log drop the delete entry, so the removal must be durable first:
         // otherwise a power cut could bring the old database back with nothing left to delete it.
         if let Some(dir) = path.parent() {
@@ -340,6 +346,13 @@ impl Actor {
         handle: &ObjectHandle,
         env: &ObjectEnv,
     ) {
+        if env.sync_failures.is_marked(&handle.key) {
+            // No marker could be logged; the log may want this object's entries retired.
+            if env.cluster.serving_slot_now(&handle.key).is_some() {
+                self.repair_failed_sync(handle, env);
+            }
+            return;
+        }
         let threshold = env.storage.checkpoint_wal_bytes.0;
         let Some(db) = self.db.as_mut() else { return };
         let wal = db.wal_bytes();
@@ -419,14 +432,39 @@ impl Actor {
     fn reset(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
         env.metrics.objects.resets.inc();
         let _ = handle.gate.wait_settled();
-        self.rebuild(handle, env);
+        let _ = self.rebuild(handle, env);
         handle.gate.clear_failure();
         tracing::warn!(object = %handle.key, "object reset after a write did not reach a quorum");
     }
 
+    /// The database file failed to sync (here, or in the follower's checkpointer before a
+    /// promotion): pages of it may be lost while the cache still shows them. Rebuilt from the
+    /// node log, which kept every entry since the last good marker, before anything reads it;
+    /// then a marker lets the log retire those entries. Only on a node serving the object (the
+    /// applier writes a followed one's file). If the rebuild fails, the next open tries again.
+    fn repair_failed_sync(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
+        let Ok(upto) = handle.gate.wait_settled() else {
+            return; // a failed write resets the object first (see `process`)
+        };
+        let rebuilt = env
+            .sync_failures
+            .repair(&handle.key, || self.rebuild(handle, env));
+        if let Ok(true) = rebuilt {
+            env.metrics.objects.resets.inc();
+            // The replay synced the file (and may have created it); every entry up to `upto` is
+            // in it.
+            if let Some(dir) = env.db_path(&handle.key).parent() {
+                env.new_dirs.add([dir.to_path_buf()]);
+            }
+            if upto > 0 {
+                log_marker_once_durable(env, None, handle.key.clone(), upto, Lsn::ZERO);
+            }
+        }
+    }
+
     /// Closes the database without checkpointing, discards its WAL, and replays the node log
-    /// into the file: afterwards the file holds exactly what the log holds durably.
-    fn rebuild(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
+    /// into the file: afterwards the file holds exactly what the log holds durably, synced.
+    fn rebuild(&mut self, handle: &ObjectHandle, env: &ObjectEnv) -> std::io::Result<()> {
         if self.db.take().is_some() {
             env.note_closed(handle);
         }
@@ -440,9 +478,10 @@ impl Actor {
                 None,
             )
         });
-        if let Err(e) = replayed {
+        if let Err(e) = &replayed {
             tracing::error!(object = %handle.key, error = %e, "cannot rebuild the object from the node log");
         }
+        replayed.map(|_| ())
     }
 }
 
@@ -457,37 +496,40 @@ fn log_marker_once_durable(
     slot_lsn: Lsn,
 ) {
     let (log, new_dirs) = (env.log.clone(), env.new_dirs.clone());
+    let failures = env.sync_failures.clone();
     env.spawn_blocking(move || {
         let marker = Checkpoint {
             object,
             upto,
             slot_lsn,
         };
-        if let Err(e) = append_marker_once_durable(&log, &new_dirs, file.as_deref(), marker) {
+        let sync = || file.as_deref().map_or(Ok(()), File::sync_data);
+        if let Err(e) = append_marker_once_durable(&log, &new_dirs, &failures, sync, marker) {
             tracing::warn!(error = %e, "cannot make a database or its directory durable; the log keeps covering it");
         }
     });
 }
 
+/// `sync_file` makes the object's database durable (a delete has none left to sync).
 fn append_marker_once_durable(
     log: &NodeLog,
     new_dirs: &PendingDirs,
-    file: Option<&File>,
+    failures: &SyncFailures,
+    sync_file: impl FnOnce() -> std::io::Result<()>,
     marker: Checkpoint,
 ) -> std::io::Result<()> {
-    if let Some(f) = file {
-        f.sync_data()
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", marker.object)))?;
-    }
+    failures.sync_file(&marker.object, sync_file)?;
     new_dirs.sync()?;
-    log.append(Append {
-        kind: RecordKind::Checkpoint,
-        payload: encode_checkpoint(&marker).into(),
-        object: marker.object,
-        fence: None,
-        done: Box::new(|_| {}),
-    });
-    Ok(())
+    let key = marker.object.clone();
+    failures.log_marker(&key, || {
+        log.append(Append {
+            kind: RecordKind::Checkpoint,
+            payload: encode_checkpoint(&marker).into(),
+            object: marker.object,
+            fence: None,
+            done: Box::new(|_| {}),
+        })
+    })
 }
 
 #[cfg(test)]
@@ -529,12 +571,15 @@ mod tests {
             found
         };
 
-        assert!(append_marker_once_durable(&log, &pending, None, marker()).is_err());
+        let failures = SyncFailures::default();
+        let no_file = || Ok(());
+        assert!(append_marker_once_durable(&log, &pending, &failures, no_file, marker()).is_err());
         assert!(markers_logged().is_empty(), "no marker before the sync");
         assert_eq!(pending.pending(), vec![dir.clone()], "still pending");
 
         std::fs::create_dir(&dir).expect("mkdir");
-        append_marker_once_durable(&log, &pending, None, marker()).expect("synced and logged");
+        append_marker_once_durable(&log, &pending, &failures, no_file, marker())
+            .expect("synced and logged");
         assert!(pending.is_empty());
         let logged = markers_logged();
         assert_eq!(logged.len(), 1);
@@ -542,5 +587,54 @@ mod tests {
             (&logged[0].object, logged[0].upto, logged[0].slot_lsn),
             (&object, 41, Lsn::new(1, 2))
         );
+    }
+
+    /// A database that failed to sync gets no marker, even after a later sync of it succeeds
+    /// (the failed writeback's pages may be lost), until it is rebuilt from the log.
+    #[test]
+    fn a_database_that_failed_to_sync_gets_no_marker_until_it_is_rebuilt() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        let log_dir = tmp.path().join("log");
+        let runner =
+            crate::storage::log::start(&log_dir, 64 << 10, 0, metrics.log.clone()).expect("log");
+        let log = runner.log();
+        let pending = PendingDirs::default();
+        let failures = SyncFailures::default();
+        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([9; 32]));
+        let marker = |upto| Checkpoint {
+            object: object.clone(),
+            upto,
+            slot_lsn: Lsn::ZERO,
+        };
+        let logged_uptos = || {
+            log.sync().expect("log sync");
+            let mut found = Vec::new();
+            crate::storage::recovery::scan(&log_dir, u64::MAX, |_, kind, payload| {
+                if kind == RecordKind::Checkpoint {
+                    found.push(decode_checkpoint(payload).expect("a marker").upto);
+                }
+                Ok(())
+            })
+            .expect("scan");
+            found
+        };
+        let failing = || Err(std::io::Error::other("injected writeback error"));
+
+        append_marker_once_durable(&log, &pending, &failures, || Ok(()), marker(10))
+            .expect("a clean checkpoint");
+        assert!(
+            append_marker_once_durable(&log, &pending, &failures, failing, marker(20)).is_err()
+        );
+        assert!(
+            append_marker_once_durable(&log, &pending, &failures, || Ok(()), marker(30)).is_err(),
+            "a later clean sync is not believed"
+        );
+        assert_eq!(logged_uptos(), vec![10]);
+
+        failures.repair(&object, || Ok(())).expect("rebuilt");
+        append_marker_once_durable(&log, &pending, &failures, || Ok(()), marker(40))
+            .expect("markers resume after the rebuild");
+        assert_eq!(logged_uptos(), vec![10, 40]);
     }
 }

@@ -42,6 +42,9 @@ pub struct ObjectEnv {
     /// Directories with new or removed object files (the applier's too), synced before the next
     /// checkpoint marker.
     pub new_dirs: Arc<crate::storage::dirs::PendingDirs>,
+    /// Objects whose database file failed to sync (the applier's too): rebuilt from the log
+    /// before they serve again, and no checkpoint marker for them until then.
+    pub sync_failures: Arc<crate::storage::sync_failures::SyncFailures>,
     resident: AtomicUsize,
     /// Client requests between their arrival at `Objects::call` and their answer.
     in_flight: AtomicUsize,
@@ -60,6 +63,7 @@ impl ObjectEnv {
     ) -> Self {
         ObjectEnv {
             new_dirs: cluster.applier.new_dirs().clone(),
+            sync_failures: cluster.applier.sync_failures().clone(),
             cluster,
             log,
             log_dir,

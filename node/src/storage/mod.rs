@@ -6,4 +6,5 @@ pub mod log;
 pub mod record;
 pub mod recovery;
 pub mod segments;
+pub mod sync_failures;
 pub mod wal;
