@@ -4,6 +4,8 @@
 mod actor;
 pub mod authorizer;
 pub mod db;
+#[cfg(test)]
+mod failed_sync_tests;
 pub mod gate;
 pub mod kv;
 mod registry;

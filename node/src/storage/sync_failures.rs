@@ -35,6 +35,9 @@ pub struct SyncFailures {
     hasher: std::collections::hash_map::RandomState,
     /// The number of marked objects, for `/metrics`.
     gauge: Gauge,
+    /// Objects whose next sync fails, for tests of a whole node (no disk here fails on demand).
+    #[cfg(test)]
+    fail_next: Mutex<HashSet<ObjectKey>>,
 }
 
 impl Default for SyncFailures {
@@ -51,7 +54,36 @@ impl SyncFailures {
             stripes: std::array::from_fn(|_| Mutex::new(())),
             hasher: Default::default(),
             gauge,
+            #[cfg(test)]
+            fail_next: Mutex::default(),
         }
+    }
+
+    /// Makes the next sync of `key`'s database file fail, as a lost writeback would.
+    #[cfg(test)]
+    pub fn fail_next_sync(&self, key: &ObjectKey) {
+        self.fail_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+    }
+
+    #[cfg(not(test))]
+    fn run_sync(&self, _key: &ObjectKey, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        sync()
+    }
+
+    #[cfg(test)]
+    fn run_sync(&self, key: &ObjectKey, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let injected = self
+            .fail_next
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        if injected {
+            return Err(io::Error::other("injected writeback error"));
+        }
+        sync()
     }
 
     fn lock_object(&self, key: &ObjectKey) -> MutexGuard<'_, ()> {
@@ -102,7 +134,7 @@ impl SyncFailures {
         if self.is_marked(key) {
             return Err(Self::held_back(key));
         }
-        sync().map_err(|e| {
+        self.run_sync(key, sync).map_err(|e| {
             self.mark(key);
             tracing::error!(object = %key, error = %e, "a database file failed to sync; its checkpoint markers are held back until it is rebuilt from the node log");
             io::Error::new(e.kind(), format!("{key}: {e}"))

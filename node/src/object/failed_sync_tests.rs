@@ -1,0 +1,91 @@
+//! A whole node (in this process, so that a sync can be made to fail) whose checkpoint of an
+//! object fails to sync and whose disk then lost that checkpoint's pages: every acknowledged
+//! write is still there at the next request.
+
+use crate::config::NodeConfig;
+use crate::server;
+use crate::storage::record::ObjectKey;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_a_failed_checkpoint_sync_lost_are_rebuilt_from_the_log() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let yaml = format!(
+        "listen: 127.0.0.1:0
+dataDir: {}
+namespaces: [{{name: default}}]
+storage: {{ idleTimeout: 1s, logSegmentBytes: 1MiB }}
+",
+        data.display()
+    );
+    let config = NodeConfig::from_yaml(&yaml, Path::new("test.yaml")).expect("config");
+    let (node, listener) = server::start(config).await.expect("node starts");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(server::serve(
+        node.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let client = reqwest::Client::new();
+    let url = |key: &str| format!("http://{addr}/v1/ns/default/names/x/kv/{key}");
+    let put = |key: String| {
+        let (client, url) = (client.clone(), url(&key));
+        async move {
+            let r = client.put(url).json(&key).send().await.expect("put");
+            assert_eq!(r.status().as_u16(), 200, "put {key}");
+        }
+    };
+
+    let ns = node.namespace("default").expect("namespace").clone();
+    let key = ObjectKey::new(
+        ns.name.clone(),
+        ns.keys.from_name("x", ns.config.jurisdiction.as_deref()),
+    );
+    let env = node.objects.env().clone();
+    let failures = env.sync_failures.clone();
+    let db = env.db_path(&key);
+
+    for i in 0..5 {
+        put(format!("k{i}")).await;
+    }
+    // Idle: closed with a checkpoint that syncs and logs its marker.
+    wait_until("the object closes", || env.resident() == 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let durable = std::fs::read(&db).expect("checkpointed database");
+
+    for i in 5..10 {
+        put(format!("k{i}")).await;
+    }
+    failures.fail_next_sync(&key);
+    wait_until("the next checkpoint's sync fails", || {
+        env.resident() == 0 && failures.is_marked(&key)
+    })
+    .await;
+    assert_eq!(
+        node.metrics.objects.sync_failed.get(),
+        1,
+        "reported in the metrics"
+    );
+    // The failed writeback: the disk holds the file as the last good checkpoint left it.
+    std::fs::write(&db, &durable).expect("lose the checkpoint's pages");
+
+    for i in 0..10 {
+        let key = format!("k{i}");
+        let r = client.get(url(&key)).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 200, "{key} survived the lost pages");
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(body["value"], serde_json::json!(key));
+    }
+    assert!(!failures.is_marked(&key), "rebuilt, and markers resume");
+    assert_eq!(node.metrics.objects.sync_failed.get(), 0);
+}
