@@ -17,7 +17,7 @@ use crate::namespace::Namespace;
 use crate::storage::dirs::PendingDirs;
 use crate::storage::log::NodeLog;
 use crate::storage::record::{Checkpoint, Entry, ObjectKey, PageSetView, RecordKind, SlotKey};
-use crate::storage::recovery::{remove_database_files, replay_object};
+use crate::storage::recovery::{discard_wal, remove_database_files, replay_object};
 use crate::storage::sync_failures::SyncFailures;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -262,6 +262,7 @@ impl Worker {
         if self.sync_failures.is_marked(&entry.object()) {
             self.repair(&entry.object(), log_lsn, floor);
         }
+
         if floor.is_none_or(|f| entry.lsn() > f) {
             self.retrying(|w| w.apply(entry, log_lsn));
         }
@@ -276,6 +277,8 @@ impl Worker {
         let path = self.path_of(key);
         let log_dir = &self.log_dir;
         let rebuilt = self.sync_failures.repair(key, || {
+            // A `-wal` left from an ownership would be replayed over the file at the next open.
+            discard_wal(&path)?;
             replay_object(log_dir, key, &path, log_lsn, floor).map(|_| ())
         });
         // The replay may have created the file: its name must be durable before a marker.
@@ -680,5 +683,22 @@ mod tests {
             std::fs::read(&expected).expect("read"),
             "the rebuilt file holds every entry"
         );
+        // Its markers resume: the write-out's checkpointer logs one covering the last entry.
+        let (done, answered) = mpsc::channel();
+        worker.write_out(Some(done));
+        answered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the checkpointer answers");
+        runner.log().sync().expect("log sync");
+        let mut markers = Vec::new();
+        crate::storage::recovery::scan(&log_dir, u64::MAX, |_, kind, payload| {
+            if kind == RecordKind::Checkpoint {
+                let c = crate::storage::record::decode_checkpoint(payload).expect("a marker");
+                markers.push(c.upto);
+            }
+            Ok(())
+        })
+        .expect("scan");
+        assert_eq!(markers, vec![log_lsns[2]]);
     }
 }

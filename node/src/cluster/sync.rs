@@ -246,6 +246,11 @@ async fn run(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("syncfs: {e}"))?;
+    // Installed files are new and durable: an earlier failed sync of the old ones lost nothing
+    // they still need.
+    for object in floors.keys() {
+        cl.applier.sync_failures().forget(object);
+    }
     let mut lines: Vec<super::journal::Line> = floors
         .iter()
         .map(|(o, l)| super::journal::Line::floor(key, o, *l))

@@ -77,7 +77,7 @@ impl Actor {
                 let result = env
                     .cluster
                     .serving_slot(&handle.key)
-                    .and_then(|slot| self.execute(&slot, &request, time_limit, handle, env));
+                    .and_then(|slot| self.execute(&slot, &request, time_limit, true, handle, env));
                 // Every response waits at the gate, errors included: they may reveal state that
                 // is not durable yet.
                 handle.gate.hold(Box::new(move |durable| {
@@ -128,7 +128,7 @@ impl Actor {
         {
             return Some(Job::Client { request, reply });
         }
-        let result = self.execute(&slot, &request, INLINE_BUDGET, handle, env);
+        let result = self.execute(&slot, &request, INLINE_BUDGET, false, handle, env);
         if result.as_ref().is_err_and(|e| e.status == 408) {
             env.metrics.objects.inline_reruns.inc();
             return Some(Job::Client { request, reply });
@@ -147,20 +147,37 @@ impl Actor {
             .is_some_and(|db| db.wal_bytes() >= env.storage.checkpoint_wal_bytes.0)
     }
 
+    /// Opens the database if it is not open. `may_block`: this thread may wait (not an async
+    /// worker running a request inline), as repairing a database that failed to sync does.
     fn open(
         &mut self,
         handle: &ObjectHandle,
         env: &ObjectEnv,
         slot: &Slot,
+        may_block: bool,
     ) -> Result<&mut ObjectDb, ApiError> {
         let epoch = slot.owner_epoch().unwrap_or(0);
         if self.db.is_some() && self.opened_epoch != epoch {
             tracing::warn!(object = %handle.key, opened = self.opened_epoch, now = epoch, "database open from an earlier ownership; rebuilding it from the log");
             // Not a checkpoint: the WAL may predate entries written into the file since.
-            let _ = self.rebuild(handle, env);
+            self.rebuild_or_mark(handle, env);
         }
         if env.sync_failures.is_marked(&handle.key) {
+            if !may_block {
+                // Marked meanwhile: rerun on a blocking thread (see `process_inline`).
+                return Err(ApiError::new(
+                    408,
+                    "requestTimeLimit",
+                    "the database needs a rebuild first",
+                ));
+            }
             self.repair_failed_sync(handle, env);
+            if env.sync_failures.is_marked(&handle.key) {
+                return Err(ApiError::unavailable(
+                    "storage_failed",
+                    "the object's database could not be rebuilt after a storage error; try again later",
+                ));
+            }
         }
         if self.db.is_none() {
             self.opened_epoch = epoch;
@@ -228,13 +245,14 @@ impl Actor {
         slot: &Arc<Slot>,
         request: &Request,
         time_limit: Duration,
+        may_block: bool,
         handle: &Arc<ObjectHandle>,
         env: &ObjectEnv,
     ) -> Reply {
         if let Request::DeleteAll = request {
             return self.delete_all(handle, env, slot);
         }
-        let db = self.open(handle, env, slot)?;
+        let db = self.open(handle, env, slot, may_block)?;
         let size_before = db.size_bytes();
         let committed: Committed<Vec<u8>> = match request {
             Request::Sql(plan) => db.transaction(time_limit, |tx| {
@@ -350,6 +368,16 @@ impl Actor {
             // No marker could be logged; the log may want this object's entries retired.
             if env.cluster.serving_slot_now(&handle.key).is_some() {
                 self.repair_failed_sync(handle, env);
+            } else if self.db.is_some() {
+                // Not serving: the applier repairs the file if the slot is followed here. The
+                // `-wal` must not outlive the connection (SQLite would replay it over the
+                // rebuilt file at the next open); the log holds everything in it.
+                let _ = handle.gate.wait_settled();
+                self.db = None;
+                env.note_closed(handle);
+                if let Err(e) = recovery::discard_wal(&env.db_path(&handle.key)) {
+                    tracing::error!(object = %handle.key, error = %e, "cannot discard the -wal of a database that failed to sync");
+                }
             }
             return;
         }
@@ -394,7 +422,7 @@ impl Actor {
         if self.db.is_none() && !path.exists() {
             return Err(ApiError::not_found("no_object", "the object holds no data"));
         }
-        self.open(handle, env, &slot)?;
+        self.open(handle, env, &slot, true)?;
         handle.gate.wait_settled()?;
         let Some(db) = self.db.as_mut() else {
             return Err(ApiError::internal("database did not open"));
@@ -432,7 +460,7 @@ impl Actor {
     fn reset(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
         env.metrics.objects.resets.inc();
         let _ = handle.gate.wait_settled();
-        let _ = self.rebuild(handle, env);
+        self.rebuild_or_mark(handle, env);
         handle.gate.clear_failure();
         tracing::warn!(object = %handle.key, "object reset after a write did not reach a quorum");
     }
@@ -443,45 +471,51 @@ impl Actor {
     /// then a marker lets the log retire those entries. Only on a node serving the object (the
     /// applier writes a followed one's file). If the rebuild fails, the next open tries again.
     fn repair_failed_sync(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
-        let Ok(upto) = handle.gate.wait_settled() else {
+        if handle.gate.wait_settled().is_err() {
             return; // a failed write resets the object first (see `process`)
-        };
-        let rebuilt = env
-            .sync_failures
-            .repair(&handle.key, || self.rebuild(handle, env));
+        }
+        let mut replayed_below = 0;
+        let rebuilt = env.sync_failures.repair(&handle.key, || {
+            replayed_below = self.rebuild(handle, env)?;
+            Ok(())
+        });
         if let Ok(true) = rebuilt {
             env.metrics.objects.resets.inc();
-            // The replay synced the file (and may have created it); every entry up to `upto` is
-            // in it.
+            // The replay synced the file (and may have created it): it holds every record of
+            // the object below `replayed_below`.
             if let Some(dir) = env.db_path(&handle.key).parent() {
                 env.new_dirs.add([dir.to_path_buf()]);
             }
-            if upto > 0 {
+            if replayed_below > 0 {
+                let upto = replayed_below - 1;
                 log_marker_once_durable(env, None, handle.key.clone(), upto, Lsn::ZERO);
             }
         }
     }
 
+    /// [`Actor::rebuild`], outside a repair: a rebuild that fails (its replay's sync included)
+    /// leaves a file that may lack pages, so the object is marked like one whose sync failed.
+    fn rebuild_or_mark(&mut self, handle: &ObjectHandle, env: &ObjectEnv) {
+        if self.rebuild(handle, env).is_err() {
+            env.sync_failures.mark_failed(&handle.key);
+        }
+    }
+
     /// Closes the database without checkpointing, discards its WAL, and replays the node log
     /// into the file: afterwards the file holds exactly what the log holds durably, synced.
-    fn rebuild(&mut self, handle: &ObjectHandle, env: &ObjectEnv) -> std::io::Result<()> {
+    /// Returns the log position the replay read up to (records below it).
+    fn rebuild(&mut self, handle: &ObjectHandle, env: &ObjectEnv) -> std::io::Result<u64> {
         if self.db.take().is_some() {
             env.note_closed(handle);
         }
         let path = env.db_path(&handle.key);
-        let replayed = recovery::discard_wal(&path).and_then(|()| {
-            recovery::replay_object(
-                &env.log_dir,
-                &handle.key,
-                &path,
-                env.log.shared().durable_lsn(),
-                None,
-            )
-        });
+        let below = env.log.shared().durable_lsn();
+        let replayed = recovery::discard_wal(&path)
+            .and_then(|()| recovery::replay_object(&env.log_dir, &handle.key, &path, below, None));
         if let Err(e) = &replayed {
             tracing::error!(object = %handle.key, error = %e, "cannot rebuild the object from the node log");
         }
-        replayed.map(|_| ())
+        replayed.map(|_| below)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use crate::config::NodeConfig;
 use crate::server;
-use crate::storage::record::ObjectKey;
+use crate::storage::record::{ObjectKey, RecordKind, decode_checkpoint};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,22 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The log positions of the checkpoint markers logged for `key` so far.
+fn markers_of(log_dir: &Path, key: &ObjectKey) -> Vec<u64> {
+    let mut found = Vec::new();
+    crate::storage::recovery::scan(log_dir, u64::MAX, |_, kind, payload| {
+        if kind == RecordKind::Checkpoint {
+            let marker = decode_checkpoint(payload).expect("a marker");
+            if &marker.object == key {
+                found.push(marker.upto);
+            }
+        }
+        Ok(())
+    })
+    .expect("scan the log");
+    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,13 +70,16 @@ storage: {{ idleTimeout: 1s, logSegmentBytes: 1MiB }}
     let env = node.objects.env().clone();
     let failures = env.sync_failures.clone();
     let db = env.db_path(&key);
+    let log_dir = data.join("log");
 
     for i in 0..5 {
         put(format!("k{i}")).await;
     }
     // Idle: closed with a checkpoint that syncs and logs its marker.
-    wait_until("the object closes", || env.resident() == 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("the object closes and its marker is logged", || {
+        env.resident() == 0 && markers_of(&log_dir, &key).len() == 1
+    })
+    .await;
     let durable = std::fs::read(&db).expect("checkpointed database");
 
     for i in 5..10 {
@@ -76,6 +95,11 @@ storage: {{ idleTimeout: 1s, logSegmentBytes: 1MiB }}
         1,
         "reported in the metrics"
     );
+    assert_eq!(
+        markers_of(&log_dir, &key).len(),
+        1,
+        "the failed checkpoint logged no marker"
+    );
     // The failed writeback: the disk holds the file as the last good checkpoint left it.
     std::fs::write(&db, &durable).expect("lose the checkpoint's pages");
 
@@ -86,6 +110,15 @@ storage: {{ idleTimeout: 1s, logSegmentBytes: 1MiB }}
         let body: serde_json::Value = r.json().await.expect("json");
         assert_eq!(body["value"], serde_json::json!(key));
     }
-    assert!(!failures.is_marked(&key), "rebuilt, and markers resume");
+    assert!(!failures.is_marked(&key), "rebuilt");
     assert_eq!(node.metrics.objects.sync_failed.get(), 0);
+    wait_until("the rebuild's marker is logged", || {
+        markers_of(&log_dir, &key).len() == 2
+    })
+    .await;
+    let markers = markers_of(&log_dir, &key);
+    assert!(
+        markers[1] > markers[0],
+        "it covers the later writes: {markers:?}"
+    );
 }

@@ -168,6 +168,13 @@ impl SyncFailures {
         Ok(true)
     }
 
+    /// Marks `key` as if its sync had failed: a rebuild of its file failed, and the file may lack
+    /// pages the log still has.
+    pub fn mark_failed(&self, key: &ObjectKey) {
+        let _object = self.lock_object(key);
+        self.mark(key);
+    }
+
     /// The object's files were removed (a delete): nothing of them is left to lose.
     pub fn forget(&self, key: &ObjectKey) {
         let _object = self.lock_object(key);
