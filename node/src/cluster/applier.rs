@@ -690,15 +690,10 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("the checkpointer answers");
         runner.log().sync().expect("log sync");
-        let mut markers = Vec::new();
-        crate::storage::recovery::scan(&log_dir, u64::MAX, |_, kind, payload| {
-            if kind == RecordKind::Checkpoint {
-                let c = crate::storage::record::decode_checkpoint(payload).expect("a marker");
-                markers.push(c.upto);
-            }
-            Ok(())
-        })
-        .expect("scan");
-        assert_eq!(markers, vec![log_lsns[2]]);
+        let markers = crate::storage::recovery::checkpoint_markers(&log_dir);
+        assert_eq!(
+            markers.iter().map(|c| c.upto).collect::<Vec<_>>(),
+            vec![log_lsns[2]]
+        );
     }
 }

@@ -570,7 +570,6 @@ fn append_marker_once_durable(
 mod tests {
     use super::*;
     use crate::id::ObjectId;
-    use crate::storage::record::decode_checkpoint;
 
     /// A marker waits for the pending directories: while one cannot be synced (here, it does not
     /// exist yet) nothing is logged and the directory stays pending; once it syncs, the marker
@@ -594,15 +593,7 @@ mod tests {
         };
         let markers_logged = || {
             log.sync().expect("log sync");
-            let mut found = Vec::new();
-            crate::storage::recovery::scan(&log_dir, u64::MAX, |_, kind, payload| {
-                if kind == RecordKind::Checkpoint {
-                    found.push(decode_checkpoint(payload).expect("a marker"));
-                }
-                Ok(())
-            })
-            .expect("scan");
-            found
+            recovery::checkpoint_markers(&log_dir)
         };
 
         let failures = SyncFailures::default();
@@ -643,15 +634,8 @@ mod tests {
         };
         let logged_uptos = || {
             log.sync().expect("log sync");
-            let mut found = Vec::new();
-            crate::storage::recovery::scan(&log_dir, u64::MAX, |_, kind, payload| {
-                if kind == RecordKind::Checkpoint {
-                    found.push(decode_checkpoint(payload).expect("a marker").upto);
-                }
-                Ok(())
-            })
-            .expect("scan");
-            found
+            let markers = recovery::checkpoint_markers(&log_dir);
+            markers.iter().map(|c| c.upto).collect::<Vec<_>>()
         };
         let failing = || Err(std::io::Error::other("injected writeback error"));
 

@@ -4,7 +4,7 @@
 
 use crate::config::NodeConfig;
 use crate::server;
-use crate::storage::record::{ObjectKey, RecordKind, decode_checkpoint};
+use crate::storage::record::ObjectKey;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,18 +18,12 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 /// The log positions of the checkpoint markers logged for `key` so far.
 fn markers_of(log_dir: &Path, key: &ObjectKey) -> Vec<u64> {
-    let mut found = Vec::new();
-    crate::storage::recovery::scan(log_dir, u64::MAX, |_, kind, payload| {
-        if kind == RecordKind::Checkpoint {
-            let marker = decode_checkpoint(payload).expect("a marker");
-            if &marker.object == key {
-                found.push(marker.upto);
-            }
-        }
-        Ok(())
-    })
-    .expect("scan the log");
-    found
+    let markers = crate::storage::recovery::checkpoint_markers(log_dir);
+    markers
+        .iter()
+        .filter(|c| &c.object == key)
+        .map(|c| c.upto)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -235,6 +235,20 @@ pub fn replay_object(
     Ok(applier.applied)
 }
 
+/// The checkpoint markers in the log in `log_dir` (written so far), in log order.
+#[cfg(test)]
+pub fn checkpoint_markers(log_dir: &Path) -> Vec<super::record::Checkpoint> {
+    let mut found = Vec::new();
+    scan(log_dir, u64::MAX, |_, kind, payload| {
+        if kind == RecordKind::Checkpoint {
+            found.push(decode_checkpoint(payload).map_err(io::Error::other)?);
+        }
+        Ok(())
+    })
+    .expect("scan the log");
+    found
+}
+
 /// Removes a database's `-wal` and `-shm`, whose content the node log supersedes.
 pub fn discard_wal(db: &Path) -> io::Result<()> {
     for suffix in ["-wal", "-shm"] {
