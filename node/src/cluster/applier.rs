@@ -506,6 +506,15 @@ mod tests {
         )
     }
 
+    /// Writes the held pages out and waits until the checkpointer has made them durable.
+    fn write_out_and_wait(worker: &mut Worker) {
+        let (done, answered) = mpsc::channel();
+        worker.write_out(Some(done));
+        answered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the checkpointer answers");
+    }
+
     #[test]
     fn held_pages_write_the_same_file_as_entries_written_one_by_one() {
         let cases: Vec<Vec<Entry>> = vec![
@@ -580,11 +589,7 @@ mod tests {
             "the directories created, and the existing one that gained the first of them"
         );
 
-        let (done, answered) = mpsc::channel();
-        worker.write_out(Some(done));
-        answered
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the checkpointer answers");
+        write_out_and_wait(&mut worker);
         assert!(new_dirs.is_empty(), "the write-out synced them");
 
         let mut delete = Entry::delete(&first.object(), &SlotKey::new("c", 0));
@@ -613,10 +618,8 @@ mod tests {
     #[test]
     fn a_followed_file_that_failed_to_sync_is_rebuilt_from_the_log_at_its_next_entry() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
         let log_dir = tmp.path().join("log");
-        let runner =
-            crate::storage::log::start(&log_dir, 64 << 10, 0, metrics.log.clone()).expect("log");
+        let runner = crate::storage::log::start_for_test(&log_dir);
         let objects = tmp.path().join("objects");
         std::fs::create_dir_all(&objects).expect("objects dir");
         let failures = Arc::new(SyncFailures::default());
@@ -684,11 +687,7 @@ mod tests {
             "the rebuilt file holds every entry"
         );
         // Its markers resume: the write-out's checkpointer logs one covering the last entry.
-        let (done, answered) = mpsc::channel();
-        worker.write_out(Some(done));
-        answered
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the checkpointer answers");
+        write_out_and_wait(&mut worker);
         runner.log().sync().expect("log sync");
         let markers = crate::storage::recovery::checkpoint_markers(&log_dir);
         assert_eq!(

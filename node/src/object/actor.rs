@@ -577,10 +577,8 @@ mod tests {
     #[test]
     fn a_marker_is_logged_only_once_the_pending_directories_are_synced() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
         let log_dir = tmp.path().join("log");
-        let runner =
-            crate::storage::log::start(&log_dir, 64 << 10, 0, metrics.log.clone()).expect("log");
+        let runner = crate::storage::log::start_for_test(&log_dir);
         let log = runner.log();
         let pending = PendingDirs::default();
         let dir = tmp.path().join("objects");
@@ -619,10 +617,8 @@ mod tests {
     #[test]
     fn a_database_that_failed_to_sync_gets_no_marker_until_it_is_rebuilt() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
         let log_dir = tmp.path().join("log");
-        let runner =
-            crate::storage::log::start(&log_dir, 64 << 10, 0, metrics.log.clone()).expect("log");
+        let runner = crate::storage::log::start_for_test(&log_dir);
         let log = runner.log();
         let pending = PendingDirs::default();
         let failures = SyncFailures::default();

@@ -506,6 +506,13 @@ struct Writer {
 const MAX_BATCH_BYTES: usize = 16 << 20;
 
 /// Starts the log with an empty segment at `start_lsn` (the end of whatever was replayed).
+/// A log in `dir` with small segments and metrics nobody reads, for tests.
+#[cfg(test)]
+pub fn start_for_test(dir: &Path) -> LogRunner {
+    let metrics = crate::metrics::Metrics::new();
+    start(dir, 64 << 10, 0, metrics.log.clone()).expect("start a node log")
+}
+
 pub fn start(
     dir: &Path,
     segment_bytes: u64,
