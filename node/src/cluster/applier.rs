@@ -262,17 +262,16 @@ impl Worker {
         if self.sync_failures.is_marked(&entry.object()) {
             self.repair(&entry.object(), log_lsn, floor);
         }
-
         if floor.is_none_or(|f| entry.lsn() > f) {
             self.retrying(|w| w.apply(entry, log_lsn));
         }
     }
 
-    /// Rebuilds a followed object's file that failed to sync from the node log, up to the entry
-    /// at `log_lsn` (about to be applied again: applying an entry twice in order changes
-    /// nothing), so its markers can resume. Pages held for it are entries the replay includes;
-    /// their write-out rewrites the same content. On failure it stays marked and the next entry
-    /// tries again.
+    /// Rebuilds a followed object's file that failed to sync from the node log: every record of
+    /// it below `log_lsn`, the entry about to be taken (entries are taken in log order, so these
+    /// are all it has taken), so its markers can resume. Pages held for it belong to entries
+    /// the replay includes; their write-out rewrites the same content. On failure it stays
+    /// marked and the next entry tries again.
     fn repair(&mut self, key: &ObjectKey, log_lsn: u64, floor: Option<Lsn>) {
         let path = self.path_of(key);
         let log_dir = &self.log_dir;
