@@ -626,6 +626,11 @@ impl Coordinator {
         self.lock().fenced.insert((colo.to_string(), slot), epoch);
     }
 
+    /// The epoch a slot's owner may have fenced itself at, not yet published.
+    pub fn pending_fence(&self, colo: &str, slot: u32) -> Option<u64> {
+        self.lock().fenced.get(&(colo.to_string(), slot)).copied()
+    }
+
     /// Runs the control loop forever.
     pub async fn run(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -655,6 +660,8 @@ mod tests {
     struct HandoffsWait {
         released: std::sync::atomic::AtomicBool,
         fail_with: Option<&'static str>,
+        /// Only the first this many tries fail with `fail_with` (all of them if `None`).
+        fail_times: Option<u64>,
         tried: std::sync::atomic::AtomicU64,
     }
 
@@ -676,10 +683,13 @@ mod tests {
             _: &'a str,
             epoch: u64,
         ) -> BoxFuture<'a, Result<Lsn, String>> {
-            self.tried
+            let try_number = self
+                .tried
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Box::pin(async move {
-                if let Some(error) = self.fail_with {
+                if let Some(error) = self.fail_with
+                    && self.fail_times.is_none_or(|n| try_number < n)
+                {
                     return Err(error.to_string());
                 }
                 while !self.released.load(std::sync::atomic::Ordering::Acquire) {
@@ -950,5 +960,72 @@ mod tests {
             "{before:?} -> {after:?}"
         );
         assert!(before.iter().zip(&after).all(|(b, a)| a >= b));
+    }
+
+    /// A hand-off retried after one whose answer was lost (the owner may have fenced itself at
+    /// the next epoch) waits until the control loop has published that epoch, then goes through.
+    /// Started at once, it would hand off at that very epoch and, taking longer than a loop pass,
+    /// lose to the republish with 409 `slot_moved` on every try.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_off_retried_after_a_lost_answer_waits_for_the_republish_then_goes_through() {
+        let lease = Duration::from_secs(10);
+        let admin = Arc::new(HandoffsWait {
+            fail_with: Some("connection reset by peer"),
+            fail_times: Some(1),
+            ..HandoffsWait::default()
+        });
+        let c = coordinator(lease, admin.clone());
+        let all = ["a", "b", "c"];
+        wait_all_own_slots(&c, &all).await;
+        let map = c.placement();
+        let (colo, slot, before) = map
+            .colos
+            .iter()
+            .flat_map(|(colo, cs)| {
+                cs.slots
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, r)| (colo.clone(), i as u32, r.clone()))
+            })
+            .find(|(_, _, r)| r.owner == "a" && r.followers.iter().any(|f| f == "b"))
+            .expect("a slot that a owns and b follows");
+
+        let lost = c.handoff(&colo, slot, "b").await.expect_err("answer lost");
+        assert_eq!((lost.status, lost.code), (503, "handoff_failed"));
+        // Retries, as a client would; the owner takes 300 ms to drain each time.
+        let released_later = {
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                admin
+                    .released
+                    .store(true, std::sync::atomic::Ordering::Release);
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let published = loop {
+            for n in all {
+                c.heartbeat(node(n));
+            }
+            match c.handoff(&colo, slot, "b").await {
+                Ok(published) => break published,
+                Err(e) => assert_eq!(
+                    (e.status, e.code),
+                    (503, "handoff_settling"),
+                    "{}",
+                    e.message
+                ),
+            }
+            assert!(Instant::now() < deadline, "the hand-off never went through");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        released_later.await.expect("release");
+        assert_eq!(published.owner, "b");
+        assert_eq!(
+            published.epoch,
+            before.epoch + 2,
+            "after the republish at the lost hand-off's epoch"
+        );
+        assert_eq!(c.placement().replicas_of(&colo, slot), Some(&published));
     }
 }
