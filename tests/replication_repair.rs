@@ -128,7 +128,10 @@ fn hand_off_request(c: &TestCluster, colo: &str, slot: u32, to: usize) -> reqwes
 /// Moves the object's slot to `to` (a follower) through the control plane.
 async fn hand_off(c: &TestCluster, obj: &str, to: usize) {
     let (colo, slot) = slot_of(c, obj).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Each attempt may wait 8 s for the target, and a failed one sends the owner through
+    // recovery at a new epoch before the next can start: 30 s left room for only three, which a
+    // target just back from a full disk (on two cores shared by five clusters) has needed.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = hand_off_request(c, &colo, slot, to)
             .send()
