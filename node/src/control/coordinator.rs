@@ -851,15 +851,10 @@ mod tests {
         assert!(c.status().failovers > 0);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_hand_off_overtaken_by_a_failover_is_not_published() {
-        let lease = Duration::from_secs(1);
-        let admin = Arc::new(HandoffsWait::default());
-        let c = coordinator(lease, admin.clone());
-        wait_all_own_slots(&c, &["a", "b", "c"]).await;
+    /// A slot owned by "a" and followed by "b": its colo, number and replica set.
+    fn a_slot_a_owns_and_b_follows(c: &Coordinator) -> (String, u32, SlotReplicas) {
         let map = c.placement();
-        let (colo, slot, before) = map
-            .colos
+        map.colos
             .iter()
             .flat_map(|(colo, cs)| {
                 cs.slots
@@ -868,7 +863,16 @@ mod tests {
                     .map(move |(i, r)| (colo.clone(), i as u32, r.clone()))
             })
             .find(|(_, _, r)| r.owner == "a" && r.followers.iter().any(|f| f == "b"))
-            .expect("a slot that a owns and b follows");
+            .expect("a slot that a owns and b follows")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_off_overtaken_by_a_failover_is_not_published() {
+        let lease = Duration::from_secs(1);
+        let admin = Arc::new(HandoffsWait::default());
+        let c = coordinator(lease, admin.clone());
+        wait_all_own_slots(&c, &["a", "b", "c"]).await;
+        let (colo, slot, before) = a_slot_a_owns_and_b_follows(&c);
         // An explicit hand-off to b starts; a dies while it drains, and the slot fails over.
         let handoff = tokio::spawn({
             let (c, colo) = (c.clone(), colo.clone());
@@ -977,18 +981,7 @@ mod tests {
         let c = coordinator(lease, admin.clone());
         let all = ["a", "b", "c"];
         wait_all_own_slots(&c, &all).await;
-        let map = c.placement();
-        let (colo, slot, before) = map
-            .colos
-            .iter()
-            .flat_map(|(colo, cs)| {
-                cs.slots
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, r)| (colo.clone(), i as u32, r.clone()))
-            })
-            .find(|(_, _, r)| r.owner == "a" && r.followers.iter().any(|f| f == "b"))
-            .expect("a slot that a owns and b follows");
+        let (colo, slot, before) = a_slot_a_owns_and_b_follows(&c);
 
         let lost = c.handoff(&colo, slot, "b").await.expect_err("answer lost");
         assert_eq!((lost.status, lost.code), (503, "handoff_failed"));
