@@ -135,9 +135,9 @@ impl Coordinator {
         }
         // An earlier attempt failed (below: any failure, since a lost answer cannot be told
         // apart), so the owner may have fenced itself at the next epoch, and the control loop is
-        // about to republish the slot there. Starting now would
-        // hand off at that same epoch and lose the race to the republish (409 `slot_moved`)
-        // every time the hand-off takes longer than a loop pass.
+        // about to republish the slot there. Starting now would hand off at that same epoch and
+        // lose the race to the republish (409 `slot_moved`) whenever the hand-off takes longer
+        // than a loop pass.
         let settling = self.pending_fence(colo, slot).filter(|e| *e > cur.epoch);
         if let Some(epoch) = settling {
             return Err(ApiError::unavailable(

@@ -505,7 +505,6 @@ struct Writer {
 
 const MAX_BATCH_BYTES: usize = 16 << 20;
 
-/// Starts the log with an empty segment at `start_lsn` (the end of whatever was replayed).
 /// A log in `dir` with small segments and metrics nobody reads, for tests.
 #[cfg(test)]
 pub fn start_for_test(dir: &Path) -> LogRunner {
@@ -513,6 +512,7 @@ pub fn start_for_test(dir: &Path) -> LogRunner {
     start(dir, 64 << 10, 0, metrics.log.clone()).expect("start a node log")
 }
 
+/// Starts the log with an empty segment at `start_lsn` (the end of whatever was replayed).
 pub fn start(
     dir: &Path,
     segment_bytes: u64,

@@ -10,7 +10,8 @@
 //! follower's checkpointer): the log keeps every entry since the object's last good marker.
 //!
 //! The mark goes when the file is rebuilt from those entries (a serving object does this before
-//! its next request; a restart's recovery does it for every object) or removed by a delete.
+//! its next request, a follower's applier at the object's next entry, a restart's recovery for
+//! every object) or replaced: removed by a delete, or installed by a snapshot sync.
 //!
 //! Syncing a file and checking the mark happen under the object's lock, so a failure found by one
 //! thread is seen by any marker logged after it.
@@ -20,7 +21,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Locks shared by objects with the same hash: one per object would need cleaning up, and the
@@ -29,11 +29,9 @@ const STRIPES: usize = 64;
 
 pub struct SyncFailures {
     marked: Mutex<HashSet<ObjectKey>>,
-    /// How many objects are marked, read without a lock on every request.
-    count: AtomicUsize,
     stripes: [Mutex<()>; STRIPES],
     hasher: std::collections::hash_map::RandomState,
-    /// The number of marked objects, for `/metrics`.
+    /// The number of marked objects, for `/metrics`, and read without a lock on every request.
     gauge: Gauge,
     /// Objects whose next sync fails, for tests of a whole node (no disk here fails on demand).
     #[cfg(test)]
@@ -50,7 +48,6 @@ impl SyncFailures {
     pub fn new(gauge: Gauge) -> SyncFailures {
         SyncFailures {
             marked: Mutex::default(),
-            count: AtomicUsize::new(0),
             stripes: std::array::from_fn(|_| Mutex::new(())),
             hasher: Default::default(),
             gauge,
@@ -100,19 +97,17 @@ impl SyncFailures {
     /// Whether `key`'s file failed to sync and has not been rebuilt since. Cheap when no object
     /// is marked.
     pub fn is_marked(&self, key: &ObjectKey) -> bool {
-        self.count.load(Ordering::Acquire) > 0 && self.set().contains(key)
+        self.gauge.get() > 0 && self.set().contains(key)
     }
 
     fn mark(&self, key: &ObjectKey) {
         if self.set().insert(key.clone()) {
-            self.count.fetch_add(1, Ordering::AcqRel);
             self.gauge.inc();
         }
     }
 
     fn unmark(&self, key: &ObjectKey) {
         if self.set().remove(key) {
-            self.count.fetch_sub(1, Ordering::AcqRel);
             self.gauge.dec();
         }
     }
