@@ -97,6 +97,36 @@ storage: {{ idleTimeout: 1s, logSegmentBytes: 1MiB }}
     // The failed writeback: the disk holds the file as the last good checkpoint left it.
     std::fs::write(&db, &durable).expect("lose the checkpoint's pages");
 
+    // While the file cannot be rebuilt (a directory stands where its `-wal` goes, which the
+    // rebuild must remove), the object refuses requests with 503 storage_failed, changes
+    // nothing, and stays marked. (Removing one directory ends it at once: a background
+    // checkpoint may retry the rebuild at any moment.)
+    let wal = db.with_extension("db-wal");
+    let _ = std::fs::remove_file(&wal); // the rebuild discards it anyway
+    std::fs::create_dir(&wal).expect("a directory where the -wal goes");
+    let refused = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (503, &serde_json::json!("storage_failed")),
+            "{body}"
+        );
+    };
+    refused(client.get(url("k0")).send().await.expect("get")).await;
+    refused(
+        client
+            .put(url("k10"))
+            .json(&"k10")
+            .send()
+            .await
+            .expect("put"),
+    )
+    .await;
+    assert!(failures.is_marked(&key), "still marked");
+    assert_eq!(markers_of(&log_dir, &key).len(), 1);
+    std::fs::remove_dir(&wal).expect("remove the directory");
+
     for i in 0..10 {
         let key = format!("k{i}");
         let r = client.get(url(&key)).send().await.expect("get");
@@ -104,6 +134,8 @@ storage: {{ idleTimeout: 1s, logSegmentBytes: 1MiB }}
         let body: serde_json::Value = r.json().await.expect("json");
         assert_eq!(body["value"], serde_json::json!(key));
     }
+    let r = client.get(url("k10")).send().await.expect("get");
+    assert_eq!(r.status().as_u16(), 404, "the refused put wrote nothing");
     assert!(!failures.is_marked(&key), "rebuilt");
     assert_eq!(node.metrics.objects.sync_failed.get(), 0);
     wait_until("the rebuild's marker is logged", || {
