@@ -725,26 +725,22 @@ mod tests {
         })
     }
 
-    /// A request that routes to this node in the moment between storing a placement map that
-    /// makes it owner and giving the slot that role waits for the role and is served; refused,
-    /// it had waited out its whole rerouting time (3 s) for a map naming another owner.
-    #[test]
-    fn a_request_in_the_moment_before_the_slot_takes_its_new_role_waits_for_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// Node "n1" of colo "c" (4 slots) over real files in `dir`, with no control plane: tests
+    /// give it leases and placement maps themselves. Keep the runner: it stops the log.
+    fn node_n1(dir: &std::path::Path) -> (crate::storage::log::LogRunner, Arc<Cluster>) {
         let metrics = Metrics::new();
-        let runner =
-            crate::storage::log::start(&dir.path().join("log"), 64 << 10, 0, metrics.log.clone())
-                .expect("log");
+        let runner = crate::storage::log::start(&dir.join("log"), 64 << 10, 0, metrics.log.clone())
+            .expect("log");
         let (journal, journal_state) =
-            SlotJournal::open(&dir.path().join("slots.journal")).expect("journal");
+            SlotJournal::open(&dir.join("slots.journal")).expect("journal");
         let namespaces = Arc::new(HashMap::new());
-        let objects = dir.path().join("objects");
+        let objects = dir.join("objects");
         std::fs::create_dir_all(&objects).expect("objects dir");
         let applier = Applier::start(
             objects,
             namespaces.clone(),
             runner.log(),
-            dir.path().join("log"),
+            dir.join("log"),
             metrics.objects.sync_failed.clone(),
         )
         .expect("applier");
@@ -764,26 +760,27 @@ mod tests {
             applier,
             metrics,
             namespaces,
-            data_dir: dir.path().to_path_buf(),
+            data_dir: dir.to_path_buf(),
         });
-        let me = NodeInfo {
-            name: "n1".into(),
+        (runner, cluster)
+    }
+
+    /// Version `version` of a map of nodes n1 and n2 that gives every slot of colo "c" to
+    /// `owner` at `epoch`, with `followers`.
+    fn every_slot(version: u64, epoch: u64, owner: &str, followers: &[&str]) -> PlacementMap {
+        let node = |name: &str| NodeInfo {
+            name: name.into(),
             colo: "c".into(),
             address: "127.0.0.1:1".into(),
         };
-        let n2 = NodeInfo {
-            name: "n2".into(),
-            ..me.clone()
-        };
-        // Every slot: `owner` at `epoch`, with `followers`.
-        let placement = |version: u64, epoch: u64, owner: &str, followers: &[&str]| PlacementMap {
+        PlacementMap {
             region: "r".into(),
             version,
             slot_count: 4,
             replicas: 1 + followers.len(),
-            nodes: [&me, &n2]
+            nodes: ["n1", "n2"]
                 .into_iter()
-                .map(|n| (n.name.clone(), n.clone()))
+                .map(|n| (n.to_string(), node(n)))
                 .collect(),
             colos: BTreeMap::from([(
                 "c".to_string(),
@@ -793,7 +790,17 @@ mod tests {
                         .collect(),
                 },
             )]),
-        };
+        }
+    }
+
+    /// A request that routes to this node in the moment between storing a placement map that
+    /// makes it owner and giving the slot that role waits for the role and is served; refused,
+    /// it had waited out its whole rerouting time (3 s) for a map naming another owner.
+    #[test]
+    fn a_request_in_the_moment_before_the_slot_takes_its_new_role_waits_for_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster) = node_n1(dir.path());
+        let placement = every_slot;
         let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
         // n1 follows every slot of n2's.
         cluster.lease.renewed(Instant::now(), 1);
@@ -829,6 +836,49 @@ mod tests {
             "refused without waiting: {:?}",
             started.elapsed()
         );
+        drop(runner);
+    }
+
+    /// An owner published again at a newer epoch — as the control plane does after a hand-off
+    /// whose answer was lost, at the epoch the owner may have fenced itself at — serves again
+    /// once it has recovered. Its own durable writes are in its database already, so recovery
+    /// must count them as applied rather than wait for the applier, which has nothing to apply.
+    #[test]
+    fn an_owner_published_again_at_a_newer_epoch_counts_its_own_writes_as_applied_and_serves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster) = node_n1(dir.path());
+        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
+        cluster.lease.renewed(Instant::now(), 1);
+        cluster.apply_placement(every_slot(1, 1, "n1", &[]));
+        let slot = cluster.serving_slot(&object).expect("n1 owns the slot");
+        let (answered, answer) = std::sync::mpsc::channel();
+        let entry = crate::storage::record::Entry::delete(&object, &slot.key);
+        slot.append(
+            &cluster,
+            entry,
+            1,
+            false,
+            Box::new(move |r| {
+                let _ = answered.send(r);
+            }),
+        )
+        .expect("appended");
+        answer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("answered")
+            .expect("acknowledged");
+
+        cluster.lease.renewed(Instant::now(), 2);
+        cluster.apply_placement(every_slot(2, 2, "n1", &[]));
+        let report = slot.report();
+        assert_eq!(
+            (report.role, report.phase, report.epoch),
+            ("owner", Some(Phase::Serving), 2),
+            "durable {} applied {}",
+            report.durable,
+            report.applied
+        );
+        assert!(cluster.serving_slot(&object).is_ok());
         drop(runner);
     }
 }
