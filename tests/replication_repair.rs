@@ -128,9 +128,8 @@ fn hand_off_request(c: &TestCluster, colo: &str, slot: u32, to: usize) -> reqwes
 /// Moves the object's slot to `to` (a follower) through the control plane.
 async fn hand_off(c: &TestCluster, obj: &str, to: usize) {
     let (colo, slot) = slot_of(c, obj).await;
-    // Each attempt may wait 8 s for the target, and a failed one sends the owner through
-    // recovery at a new epoch before the next can start: 30 s left room for only three, which a
-    // target just back from a full disk (on two cores shared by five clusters) has needed.
+    // Each attempt may wait 8 s for the target: 30 s left room for only three, which a target
+    // just back from a full disk (on two cores shared by five clusters) has needed.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = hand_off_request(c, &colo, slot, to)
@@ -476,8 +475,13 @@ async fn a_follower_with_a_full_disk_stays_out_of_the_quorum_and_catches_up_late
     }
 }
 
+/// A hand-off the owner gives up on (its target cannot catch up) leaves the owner serving at its
+/// epoch: it never fenced itself, so the control plane does not republish it at a newer one, which
+/// would only send it through recovery. (An owner that is republished at a newer epoch serves
+/// again too: `an_owner_published_again_at_a_newer_epoch_counts_its_own_writes_as_applied_and_serves`
+/// in node/src/cluster/mod.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_owner_republished_at_a_newer_epoch_after_a_failed_hand_off_serves_again() {
+async fn an_owner_that_gave_up_a_hand_off_serves_on_at_its_epoch() {
     let c = TestCluster::start(three_nodes()).await;
     let obj = "stays";
     put(&c, 0, obj, "k", json!("before")).await;
@@ -486,8 +490,7 @@ async fn an_owner_republished_at_a_newer_epoch_after_a_failed_hand_off_serves_ag
     let (colo, slot) = slot_of(&c, obj).await;
     let epoch = slot_report(&c, owner, &colo, slot).await["epoch"].clone();
     // The target misses a write and never hears from the owner again, so the hand-off cannot
-    // finish: the owner gives up after its wait, and the control plane publishes it again at
-    // the epoch the hand-off may have fenced it at.
+    // finish: the owner gives up after its wait and says so.
     c.proxy
         .blackhole(&c.nodes[owner].name, &c.nodes[target].name);
     put(&c, owner, obj, "k", json!("unseen by the target")).await;
@@ -498,25 +501,15 @@ async fn an_owner_republished_at_a_newer_epoch_after_a_failed_hand_off_serves_ag
     let status = r.status();
     let body = r.text().await.unwrap_or_default();
     assert_eq!(status, 503, "the hand-off cannot finish: {body}");
-    // The owner keeps the slot at a newer epoch and serves it (the other follower makes the
-    // quorum): it must not wait in recovery for entries it wrote itself.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let report = slot_report(&c, owner, &colo, slot).await;
-        if report["epoch"].as_u64() > epoch.as_u64() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not published again at a newer epoch than {epoch}: {report}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(body.contains("handoff_timeout"), "{body}");
+    // Several control loop passes (100 ms each) later, the slot is where it was, and serving
+    // (the other follower makes the quorum).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     put(&c, owner, obj, "k", json!("after")).await;
     let report = slot_report(&c, owner, &colo, slot).await;
     assert_eq!(
-        (&report["role"], &report["phase"]),
-        (&json!("owner"), &json!("serving")),
+        (&report["role"], &report["phase"], &report["epoch"]),
+        (&json!("owner"), &json!("serving"), &epoch),
         "{report}"
     );
     assert_eq!(c.owner_of(obj).await, owner);

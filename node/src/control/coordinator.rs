@@ -1021,4 +1021,43 @@ mod tests {
         );
         assert_eq!(c.placement().replicas_of(&colo, slot), Some(&published));
     }
+
+    /// An explicit hand-off the owner answered with its own `handoff_timeout` changed nothing:
+    /// the owner never fenced itself and serves on, so the slot keeps its epoch (a republish
+    /// would only send the owner through recovery) and a retry starts at once, with no
+    /// `handoff_settling` wait, at the next epoch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_explicit_hand_off_the_owner_timed_out_keeps_the_epoch_and_may_be_retried_at_once() {
+        let lease = Duration::from_secs(10);
+        let admin = Arc::new(HandoffsWait {
+            released: std::sync::atomic::AtomicBool::new(true),
+            fail_with: Some(
+                r#"HTTP 503: {"error":{"code":"handoff_timeout","message":"b did not catch up"}}"#,
+            ),
+            fail_times: Some(1),
+            ..HandoffsWait::default()
+        });
+        let c = coordinator(lease, admin);
+        let all = ["a", "b", "c"];
+        wait_all_own_slots(&c, &all).await;
+        let (colo, slot, before) = a_slot_a_owns_and_b_follows(&c);
+
+        let timed_out = c.handoff(&colo, slot, "b").await.expect_err("timed out");
+        assert_eq!(
+            (timed_out.status, timed_out.code),
+            (503, "handoff_timeout"),
+            "{}",
+            timed_out.message
+        );
+        assert_eq!(c.pending_fence(&colo, slot), None, "no fence to publish");
+        // Loop passes that would republish a noted fence.
+        beat_until(&c, &all, Duration::from_millis(500), |_| false).await;
+        assert_eq!(c.placement().replicas_of(&colo, slot), Some(&before));
+
+        let published = c.handoff(&colo, slot, "b").await.expect("retried at once");
+        assert_eq!(
+            (published.owner.as_str(), published.epoch),
+            ("b", before.epoch + 1)
+        );
+    }
 }

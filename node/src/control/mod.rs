@@ -12,6 +12,7 @@ pub mod admin_client;
 pub mod coordinator;
 pub mod dev;
 
+use self::admin_client::is_handoff_timeout;
 use self::coordinator::Coordinator;
 use crate::cluster::control::{Heartbeat, HeartbeatReply, PLACEMENT_WAIT};
 use crate::error::ApiError;
@@ -133,9 +134,9 @@ impl Coordinator {
                 ),
             ));
         }
-        // An earlier attempt failed (below: any failure, since a lost answer cannot be told
-        // apart), so the owner may have fenced itself at the next epoch, and the control loop is
-        // about to republish the slot there. Starting now would hand off at that same epoch and
+        // An earlier attempt failed with an answer other than the owner's own `handoff_timeout`
+        // (a lost answer looks like any other failure), so the owner may have fenced itself at
+        // the next epoch, and the control loop is about to republish the slot there. Starting now would hand off at that same epoch and
         // lose the race to the republish (409 `slot_moved`) whenever the hand-off takes longer
         // than a loop pass.
         let settling = self.pending_fence(colo, slot).filter(|e| *e > cur.epoch);
@@ -155,7 +156,12 @@ impl Coordinator {
             .admin_handoff(&address, colo, slot, to, cur.epoch + 1)
             .await
         {
-            // The owner may have fenced itself even if its answer was lost.
+            if is_handoff_timeout(&e) {
+                // The owner's own answer: it gave up before fencing itself and serves on at its
+                // epoch. Republishing it at a newer one would only send it through recovery.
+                return Err(ApiError::unavailable("handoff_timeout", e));
+            }
+            // Any other failure may have fenced the owner, its answer lost on the way.
             self.note_fencing(colo, slot, cur.epoch + 1);
             return Err(ApiError::unavailable("handoff_failed", e));
         }
