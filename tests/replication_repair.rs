@@ -553,6 +553,17 @@ async fn a_hand_off_to_a_target_that_never_gets_close_times_out_without_stopping
     let body = r.text().await.unwrap_or_default();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("handoff_timeout"), "{body}");
+    // The answer says where the target stood: cut off, it never got within the resend window.
+    assert!(
+        ["streaming", "being probed", "syncing a snapshot"]
+            .iter()
+            .any(|state| body.contains(&format!(
+                "{} is {state}, acknowledged",
+                c.nodes[target].name
+            ))),
+        "{body}"
+    );
+    assert!(body.contains("entries behind"), "{body}");
     assert!(
         started.elapsed() >= Duration::from_secs(7),
         "gave up after {:?}, before its 8 s bound",

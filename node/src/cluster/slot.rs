@@ -967,17 +967,21 @@ impl Slot {
         ready: impl Fn(&SlotState) -> Result<bool, ApiError>,
     ) -> Result<(), ApiError> {
         loop {
-            if ready(&self.lock())? {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(ApiError::unavailable(
-                    "handoff_timeout",
-                    format!(
-                        "{to} did not catch up with slot {} within {timeout:?}; the slot keeps its owner, which serves on",
-                        self.key
-                    ),
-                ));
+            {
+                let st = self.lock();
+                if ready(&st)? {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(ApiError::unavailable(
+                        "handoff_timeout",
+                        format!(
+                            "{to} did not catch up with slot {} within {timeout:?} ({}); the slot keeps its owner, which serves on",
+                            self.key,
+                            handoff_target_state(&st, to)
+                        ),
+                    ));
+                }
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1102,6 +1106,32 @@ fn recovered(st: &SlotState) -> bool {
         .filter(|p| p.votes && p.acked >= st.durable.lsn && p.stream == Stream::Streaming)
         .count();
     holders >= needed && st.appended == st.durable && st.applied >= st.durable.lsn
+}
+
+/// Where a hand-off's target stands, as the owner sees it: for the error of a hand-off that timed
+/// out, so that whoever retries it can tell a target still syncing from one that stopped
+/// answering.
+fn handoff_target_state(st: &SlotState, to: &str) -> String {
+    let owner = format!(
+        "owner appended {}, {} waiting for a quorum",
+        st.appended.lsn,
+        st.pending.len()
+    );
+    match st.progress.iter().find(|p| p.node == to) {
+        Some(p) => {
+            let stream = match p.stream {
+                Stream::Streaming => "streaming",
+                Stream::Probing => "being probed",
+                Stream::Syncing => "syncing a snapshot",
+            };
+            format!(
+                "{to} is {stream}, acknowledged {} ({} entries behind); {owner}",
+                p.acked,
+                st.appended.lsn.seq.saturating_sub(p.acked.seq)
+            )
+        }
+        None => format!("{to} is no longer a member; {owner}"),
+    }
 }
 
 /// A hand-off may stop the slot's writes once its target is this close: streaming (not probing
