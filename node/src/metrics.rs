@@ -67,6 +67,10 @@ pub struct ReplicationMetrics {
     pub corrupt_frames: Counter,
     /// Snapshot syncs this node (as owner) asked followers to run.
     pub syncs_requested: Counter,
+    /// Times this node (as owner) resent its recent entries to a follower that was behind.
+    pub resends: Counter,
+    /// Resends not made because the same one had just been sent (see `RESEND_INTERVAL`).
+    pub resends_skipped: Counter,
     /// Snapshot syncs this node (as follower) completed.
     pub syncs_completed: Counter,
     /// Entries the local log could not write (disk full or failing).
@@ -216,6 +220,16 @@ impl Metrics {
             "replication_syncs_requested",
             "Snapshot syncs this node asked followers to run (their position was not in its recent history)",
             replication.syncs_requested.clone(),
+        );
+        registry.register(
+            "replication_resends",
+            "Times this node resent its recent entries to a follower that reported being behind",
+            replication.resends.clone(),
+        );
+        registry.register(
+            "replication_resends_skipped",
+            "Resends not made because the same one had been sent less than a second before",
+            replication.resends_skipped.clone(),
         );
         registry.register(
             "replication_syncs_completed",

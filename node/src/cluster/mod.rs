@@ -539,6 +539,12 @@ impl Cluster {
     pub fn metrics_sync_required(&self) {
         self.metrics.replication.syncs_requested.inc();
     }
+    pub fn metrics_resend(&self) {
+        self.metrics.replication.resends.inc();
+    }
+    pub fn metrics_resend_skipped(&self) {
+        self.metrics.replication.resends_skipped.inc();
+    }
     pub fn metrics_gap(&self) {
         self.metrics.replication.gaps.inc();
     }
@@ -879,6 +885,78 @@ mod tests {
             report.applied
         );
         assert!(cluster.serving_slot(&object).is_ok());
+        drop(runner);
+    }
+
+    /// Every frame that reaches a follower ahead of its position answers with the same gap, so a
+    /// follower that fell behind with many frames in flight (or whose log keeps failing) reports
+    /// one gap after another. The owner resends its recent entries once for them, not once per
+    /// gap — that flood kept a follower just back from a full disk from being acknowledged for
+    /// many seconds — and again only after a second, or once the link has reconnected.
+    #[test]
+    fn an_owner_resends_to_a_follower_once_for_a_run_of_gaps_at_the_same_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster) = node_n1(dir.path());
+        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
+        cluster.lease.renewed(Instant::now(), 1);
+        cluster.apply_placement(every_slot(1, 1, "n1", &[]));
+        let slot = cluster.serving_slot(&object).expect("n1 owns the slot");
+        let mut positions = Vec::new();
+        for _ in 0..3 {
+            let (answered, answer) = std::sync::mpsc::channel();
+            let entry = crate::storage::record::Entry::delete(&object, &slot.key);
+            let pos = slot
+                .append(
+                    &cluster,
+                    entry,
+                    1,
+                    false,
+                    Box::new(move |r| {
+                        let _ = answered.send(r);
+                    }),
+                )
+                .expect("appended");
+            answer
+                .recv_timeout(Duration::from_secs(10))
+                .expect("answered")
+                .expect("acknowledged");
+            positions.push(pos);
+        }
+        // n2 joins as a follower at the same epoch; it holds only the first entry.
+        cluster.lease.renewed(Instant::now(), 2);
+        cluster.apply_placement(every_slot(2, 1, "n1", &["n2"]));
+        let resends = || cluster.metrics.replication.resends.get();
+        let skipped = || cluster.metrics.replication.resends_skipped.get();
+        let gap = || {
+            slot.on_status(
+                &cluster,
+                "n2",
+                1,
+                positions[0],
+                crate::cluster::wire::FollowerState::Gap,
+            )
+        };
+
+        gap();
+        assert_eq!((resends(), skipped()), (1, 0), "the first gap is answered");
+        for _ in 0..5 {
+            gap();
+        }
+        assert_eq!((resends(), skipped()), (1, 5), "its echoes are not");
+        slot.on_link_up(&cluster, "n2");
+        gap();
+        assert_eq!(
+            (resends(), skipped()),
+            (2, 5),
+            "a new connection gets the resend again"
+        );
+        std::thread::sleep(slot::RESEND_INTERVAL + Duration::from_millis(50));
+        gap();
+        assert_eq!(
+            (resends(), skipped()),
+            (3, 5),
+            "and so does a gap a second later"
+        );
         drop(runner);
     }
 }

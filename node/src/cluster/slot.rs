@@ -74,6 +74,9 @@ struct Progress {
     /// When this follower was last told to sync. Kept apart from `since`, which every re-probe
     /// resets: a follower whose sync failed was never asked again while re-probes kept coming.
     sync_asked: Option<Instant>,
+    /// The position the owner last resent its recent entries from, and when (see
+    /// [`RESEND_INTERVAL`]).
+    resent: Option<(SlotPos, Instant)>,
 }
 
 /// A follower that still needs a snapshot sync this long after being told is told again (its
@@ -83,6 +86,14 @@ const SYNC_REASK: Duration = Duration::from_secs(2);
 /// A streaming follower whose acknowledgements have not moved for this long while it is behind
 /// is probed again: the frames resent to it may have been dropped with a reconnecting link.
 const STALLED_FOLLOWER: Duration = Duration::from_secs(1);
+
+/// The owner resends its recent entries from the same position to a follower at most this often
+/// (or again once the link reconnects). A resend takes time to arrive, and every frame that reaches
+/// the follower before the resend does answers with the same gap: resending for each of those
+/// answers sent the whole tail again per frame in flight, and a follower whose log kept failing
+/// (a full disk) drew megabytes of resends per second, behind which its acknowledgements waited
+/// for many seconds after it had recovered.
+pub(crate) const RESEND_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An entry kept in memory to resend to followers that fall a little behind.
 struct RingEntry {
@@ -503,16 +514,28 @@ impl Slot {
                     p.acked = p.acked.max(position.lsn);
                     p.stream = Stream::Streaming;
                 } else if let Some(from) = ring_index_after(&st, position) {
-                    // Sent as this epoch's owner, whichever epoch wrote them: a new owner's tail
-                    // from the old epoch must reach a quorum before it serves.
-                    let frames: Vec<Frame> = st
-                        .ring
-                        .iter()
-                        .skip(from)
-                        .map(|r| restamped(&r.frame, epoch))
-                        .collect();
-                    for f in frames {
-                        cl.links.send(node, f);
+                    let resent_lately = st.progress[idx].resent.is_some_and(|(at, when)| {
+                        at == position && when.elapsed() < RESEND_INTERVAL
+                    });
+                    if resent_lately {
+                        cl.metrics_resend_skipped();
+                    } else {
+                        // Sent as this epoch's owner, whichever epoch wrote them: a new owner's
+                        // tail from the old epoch must reach a quorum before it serves.
+                        let frames: Vec<Frame> = st
+                            .ring
+                            .iter()
+                            .skip(from)
+                            .map(|r| restamped(&r.frame, epoch))
+                            .collect();
+                        for f in frames {
+                            cl.links.send(node, f);
+                        }
+                        cl.metrics_resend();
+                        let p = &mut st.progress[idx];
+                        p.resent = Some((position, Instant::now()));
+                        // The resend gets a full stall interval to be acknowledged.
+                        p.since = Instant::now();
                     }
                     let p = &mut st.progress[idx];
                     p.acked = p.acked.max(position.lsn);
@@ -560,6 +583,8 @@ impl Slot {
         if let Some(p) = st.progress.iter_mut().find(|p| p.node == node) {
             p.stream = Stream::Probing;
             p.since = Instant::now();
+            // Whatever was resent went down with the old connection.
+            p.resent = None;
             drop(st);
             cl.links.send(
                 node,
@@ -828,6 +853,7 @@ impl Slot {
                             stream: Stream::Probing,
                             since: Instant::now(),
                             sync_asked: None,
+                            resent: None,
                         });
                         probes.push(node);
                     }
