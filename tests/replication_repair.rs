@@ -141,6 +141,12 @@ async fn hand_off(c: &TestCluster, obj: &str, to: usize) {
         if status.is_success() && c.owner_of(obj).await == to {
             return;
         }
+        // Each attempt that did not end it (failed, or published but not yet seen by the node
+        // asked), for the test's output should a later one fail too.
+        eprintln!(
+            "hand-off to {} not done yet: {status} {body}",
+            c.nodes[to].name
+        );
         assert!(
             Instant::now() < deadline,
             "hand-off to {} kept failing: {status} {body}; the owner's report: {}",
