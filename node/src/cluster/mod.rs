@@ -799,6 +799,47 @@ mod tests {
         }
     }
 
+    /// [`node_n1`], given every slot at epoch 1 with no followers (version 1 of the map); an
+    /// object and its slot.
+    fn n1_owning_every_slot_alone(
+        dir: &std::path::Path,
+    ) -> (
+        crate::storage::log::LogRunner,
+        Arc<Cluster>,
+        ObjectKey,
+        Arc<Slot>,
+    ) {
+        let (runner, cluster) = node_n1(dir);
+        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
+        cluster.lease.renewed(Instant::now(), 1);
+        cluster.apply_placement(every_slot(1, 1, "n1", &[]));
+        let slot = cluster.serving_slot(&object).expect("n1 owns the slot");
+        (runner, cluster, object, slot)
+    }
+
+    /// Writes an entry for `object` through `slot`, owned by this node alone (write quorum 1),
+    /// and waits until it is acknowledged; its position.
+    fn write_alone(cluster: &Arc<Cluster>, slot: &Arc<Slot>, object: &ObjectKey) -> SlotPos {
+        let (answered, answer) = std::sync::mpsc::channel();
+        let entry = crate::storage::record::Entry::delete(object, &slot.key);
+        let pos = slot
+            .append(
+                cluster,
+                entry,
+                1,
+                false,
+                Box::new(move |r| {
+                    let _ = answered.send(r);
+                }),
+            )
+            .expect("appended");
+        answer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("answered")
+            .expect("acknowledged");
+        pos
+    }
+
     /// A request that routes to this node in the moment between storing a placement map that
     /// makes it owner and giving the slot that role waits for the role and is served; refused,
     /// it had waited out its whole rerouting time (3 s) for a map naming another owner.
@@ -852,27 +893,8 @@ mod tests {
     #[test]
     fn an_owner_published_again_at_a_newer_epoch_counts_its_own_writes_as_applied_and_serves() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (runner, cluster) = node_n1(dir.path());
-        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
-        cluster.lease.renewed(Instant::now(), 1);
-        cluster.apply_placement(every_slot(1, 1, "n1", &[]));
-        let slot = cluster.serving_slot(&object).expect("n1 owns the slot");
-        let (answered, answer) = std::sync::mpsc::channel();
-        let entry = crate::storage::record::Entry::delete(&object, &slot.key);
-        slot.append(
-            &cluster,
-            entry,
-            1,
-            false,
-            Box::new(move |r| {
-                let _ = answered.send(r);
-            }),
-        )
-        .expect("appended");
-        answer
-            .recv_timeout(Duration::from_secs(10))
-            .expect("answered")
-            .expect("acknowledged");
+        let (runner, cluster, object, slot) = n1_owning_every_slot_alone(dir.path());
+        write_alone(&cluster, &slot, &object);
 
         cluster.lease.renewed(Instant::now(), 2);
         cluster.apply_placement(every_slot(2, 2, "n1", &[]));
@@ -896,32 +918,10 @@ mod tests {
     #[test]
     fn an_owner_resends_to_a_follower_once_for_a_run_of_gaps_at_the_same_position() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (runner, cluster) = node_n1(dir.path());
-        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
-        cluster.lease.renewed(Instant::now(), 1);
-        cluster.apply_placement(every_slot(1, 1, "n1", &[]));
-        let slot = cluster.serving_slot(&object).expect("n1 owns the slot");
-        let mut positions = Vec::new();
-        for _ in 0..3 {
-            let (answered, answer) = std::sync::mpsc::channel();
-            let entry = crate::storage::record::Entry::delete(&object, &slot.key);
-            let pos = slot
-                .append(
-                    &cluster,
-                    entry,
-                    1,
-                    false,
-                    Box::new(move |r| {
-                        let _ = answered.send(r);
-                    }),
-                )
-                .expect("appended");
-            answer
-                .recv_timeout(Duration::from_secs(10))
-                .expect("answered")
-                .expect("acknowledged");
-            positions.push(pos);
-        }
+        let (runner, cluster, object, slot) = n1_owning_every_slot_alone(dir.path());
+        let positions: Vec<SlotPos> = (0..3)
+            .map(|_| write_alone(&cluster, &slot, &object))
+            .collect();
         // n2 joins as a follower at the same epoch; it holds only the first entry.
         cluster.lease.renewed(Instant::now(), 2);
         cluster.apply_placement(every_slot(2, 1, "n1", &["n2"]));
