@@ -927,14 +927,16 @@ mod tests {
         cluster.apply_placement(every_slot(2, 1, "n1", &["n2"]));
         let resends = || cluster.metrics.replication.resends.get();
         let skipped = || cluster.metrics.replication.resends_skipped.get();
-        let gap = || {
-            slot.on_status(
-                &cluster,
-                "n2",
-                1,
-                positions[0],
-                crate::cluster::wire::FollowerState::Gap,
-            )
+        let status = |state: crate::cluster::wire::FollowerState| {
+            slot.on_status(&cluster, "n2", 1, positions[0], state)
+        };
+        let gap = || status(crate::cluster::wire::FollowerState::Gap);
+        let stream = || {
+            slot.report()
+                .followers
+                .iter()
+                .find(|f| f.node == "n2")
+                .map(|f| f.stream)
         };
 
         gap();
@@ -957,6 +959,21 @@ mod tests {
             (3, 5),
             "and so does a gap a second later"
         );
+
+        // The follower's log fails and drops what was resent: the echoes of the frames still
+        // in flight are paced and leave it out of the stream, and its answer to the next probe
+        // gets the resend at once, though the last went out less than a second before.
+        status(crate::cluster::wire::FollowerState::Failing);
+        gap();
+        assert_eq!((resends(), skipped()), (3, 6));
+        assert_eq!(stream(), Some(slot::Stream::Probing));
+        status(crate::cluster::wire::FollowerState::Ok);
+        assert_eq!(
+            (resends(), skipped()),
+            (4, 6),
+            "a probe's answer is not paced"
+        );
+        assert_eq!(stream(), Some(slot::Stream::Streaming));
         drop(runner);
     }
 }

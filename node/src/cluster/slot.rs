@@ -87,12 +87,13 @@ const SYNC_REASK: Duration = Duration::from_secs(2);
 /// is probed again: the frames resent to it may have been dropped with a reconnecting link.
 const STALLED_FOLLOWER: Duration = Duration::from_secs(1);
 
-/// The owner resends its recent entries from the same position to a follower at most this often
-/// (or again once the link reconnects). A resend takes time to arrive, and every frame that reaches
-/// the follower before the resend does answers with the same gap: resending for each of those
-/// answers sent the whole tail again per frame in flight, and a follower whose log kept failing
-/// (a full disk) drew megabytes of resends per second, behind which its acknowledgements waited
-/// for many seconds after it had recovered.
+/// The owner resends its recent entries from the same position to a follower that reports a gap
+/// at most this often (again at once when the follower answers a probe, or once the link
+/// reconnects). A resend takes time to arrive, and every frame that reaches the follower before
+/// the resend does answers with the same gap: resending for each of those answers sent the whole
+/// tail again per frame in flight, and a follower whose log kept failing (a full disk) drew
+/// megabytes of resends per second, behind which its acknowledgements waited for many seconds
+/// after it had recovered.
 pub(crate) const RESEND_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An entry kept in memory to resend to followers that fall a little behind.
@@ -514,11 +515,20 @@ impl Slot {
                     p.acked = p.acked.max(position.lsn);
                     p.stream = Stream::Streaming;
                 } else if let Some(from) = ring_index_after(&st, position) {
-                    let resent_lately = st.progress[idx].resent.is_some_and(|(at, when)| {
-                        at == position && when.elapsed() < RESEND_INTERVAL
-                    });
+                    // Only gaps are paced: a frame ahead of the follower's position answers with
+                    // one, so a resend in flight draws one per frame. `Ok` answers a probe, which
+                    // `poke` and reconnects already pace, and a probe may follow a log failure
+                    // that threw the last resend away.
+                    let resent_lately = state != FollowerState::Ok
+                        && st.progress[idx].resent.is_some_and(|(at, when)| {
+                            at == position && when.elapsed() < RESEND_INTERVAL
+                        });
                     if resent_lately {
                         cl.metrics_resend_skipped();
+                        // Nothing new is on its way: a follower not streaming stays so, and is
+                        // probed again shortly.
+                        let p = &mut st.progress[idx];
+                        p.acked = p.acked.max(position.lsn);
                     } else {
                         // Sent as this epoch's owner, whichever epoch wrote them: a new owner's
                         // tail from the old epoch must reach a quorum before it serves.
@@ -536,10 +546,9 @@ impl Slot {
                         p.resent = Some((position, Instant::now()));
                         // The resend gets a full stall interval to be acknowledged.
                         p.since = Instant::now();
+                        p.acked = p.acked.max(position.lsn);
+                        p.stream = Stream::Streaming;
                     }
-                    let p = &mut st.progress[idx];
-                    p.acked = p.acked.max(position.lsn);
-                    p.stream = Stream::Streaming;
                 } else {
                     let p = &mut st.progress[idx];
                     if p.stream != Stream::Syncing
