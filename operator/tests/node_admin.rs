@@ -37,7 +37,7 @@ async fn node() -> String {
                 if b["to"] == "ams-2" && b["epoch"] == 9 {
                     Ok(Json(json!({"durable": {"epoch": 9, "seq": 1}, "chain": 0})))
                 } else {
-                    Err((StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"handoff_timeout","message":"ams-0 did not catch up"}"#))
+                    Err((StatusCode::SERVICE_UNAVAILABLE, r#"{"error":{"code":"handoff_timeout","message":"ams-0 did not catch up"}}"#))
                 }
             }),
         )

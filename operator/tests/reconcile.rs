@@ -852,7 +852,7 @@ async fn a_hand_off_timeout_is_retried_and_a_publish_conflict_starts_nothing() {
     let admin = admin_of(&["ams-0", "ams-1", "ams-2"], Lsn::new(1, 10));
     admin.apply(&before);
     *admin.handoff_error.lock().expect("lock") = Some(
-        "http://ams-2.ams.colony.svc:8787/v1/admin/slots/ams/0/handoff: 503 Service Unavailable {\"error\":\"handoff_timeout\"}".into(),
+        "http://ams-2.ams.colony.svc:8787/v1/admin/slots/ams/0/handoff: 503 Service Unavailable {\"error\":{\"code\":\"handoff_timeout\",\"message\":\"ams-0 did not catch up\"}}".into(),
     );
     let colos = vec![colo("ams", "eu", 2, 6)];
     let ons = vec![served_namespace("chat", 3, 2)];

@@ -121,6 +121,47 @@ impl NodeAdmin for HttpNodeAdmin {
 /// Whether an admin error is the node's `handoff_timeout` answer (503: the target did not catch
 /// up in time; the owner never fenced itself, serves on, and the hand-off may simply be retried).
 /// Any other failure may have fenced the owner, its answer lost on the way.
+///
+/// Matched on the status and the start of the node's error body as the client reports them
+/// (`{url}: 503 Service Unavailable {"error":{"code":"handoff_timeout",...`), not on the word
+/// anywhere: a false match would skip publishing an epoch the owner may be fenced at. The body
+/// is cut at 300 characters, but its code comes first.
 pub fn is_handoff_timeout(error: &str) -> bool {
-    error.contains("handoff_timeout")
+    error.contains(HANDOFF_TIMEOUT_ANSWER)
+}
+
+const HANDOFF_TIMEOUT_ANSWER: &str =
+    r#": 503 Service Unavailable {"error":{"code":"handoff_timeout","#;
+
+#[cfg(test)]
+mod tests {
+    use super::is_handoff_timeout;
+
+    /// Only the node's own 503 `handoff_timeout` answer counts: the word elsewhere (a colo so
+    /// named, another error's message) must not, or a fence the owner may hold goes unpublished.
+    #[test]
+    fn only_the_owners_503_handoff_timeout_answer_counts_as_one() {
+        let url = "http://10.0.0.1:8787/v1/admin/slots/ams/3/handoff";
+        let answer = |status: &str, code: &str, message: &str| {
+            format!(r#"{url}: {status} {{"error":{{"code":"{code}","message":"{message}"}}}}"#)
+        };
+        assert!(is_handoff_timeout(&answer(
+            "503 Service Unavailable",
+            "handoff_timeout",
+            "ams-0 did not catch up"
+        )));
+        for not_one in [
+            answer("500 Internal Server Error", "internal", "handoff_timeout"),
+            answer(
+                "503 Service Unavailable",
+                "handoff_settling",
+                "after handoff_timeout",
+            ),
+            answer("409 Conflict", "handoff_timeout", "not a real answer"),
+            format!("{url}: no answer within 18s"),
+            "http://handoff_timeout:1/v1/admin/slots/x/0/handoff: connection refused".to_string(),
+        ] {
+            assert!(!is_handoff_timeout(&not_one), "{not_one}");
+        }
+    }
 }

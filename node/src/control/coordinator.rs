@@ -952,7 +952,7 @@ mod tests {
         // The owner never fenced itself: republishing it at a new epoch would only send it
         // through recovery again.
         let (before, after) = epochs_around_failed_hand_backs(
-            r#"HTTP 503: {"error":{"code":"handoff_timeout","message":"c did not catch up"}}"#,
+            r#"http://a:1/v1/admin/slots/x/0/handoff: 503 Service Unavailable {"error":{"code":"handoff_timeout","message":"c did not catch up"}}"#,
         )
         .await;
         assert_eq!(before, after);
@@ -1032,7 +1032,7 @@ mod tests {
         let admin = Arc::new(HandoffsWait {
             released: std::sync::atomic::AtomicBool::new(true),
             fail_with: Some(
-                r#"HTTP 503: {"error":{"code":"handoff_timeout","message":"b did not catch up"}}"#,
+                r#"http://a:1/v1/admin/slots/x/0/handoff: 503 Service Unavailable {"error":{"code":"handoff_timeout","message":"b did not catch up"}}"#,
             ),
             fail_times: Some(1),
             ..HandoffsWait::default()
