@@ -523,12 +523,12 @@ impl Slot {
                         && st.progress[idx].resent.is_some_and(|(at, when)| {
                             at == position && when.elapsed() < RESEND_INTERVAL
                         });
+                    let p = &mut st.progress[idx];
+                    p.acked = p.acked.max(position.lsn);
                     if resent_lately {
-                        cl.metrics_resend_skipped();
                         // Nothing new is on its way: a follower not streaming stays so, and is
                         // probed again shortly.
-                        let p = &mut st.progress[idx];
-                        p.acked = p.acked.max(position.lsn);
+                        cl.metrics_resend_skipped();
                     } else {
                         // Sent as this epoch's owner, whichever epoch wrote them: a new owner's
                         // tail from the old epoch must reach a quorum before it serves.
@@ -546,7 +546,6 @@ impl Slot {
                         p.resent = Some((position, Instant::now()));
                         // The resend gets a full stall interval to be acknowledged.
                         p.since = Instant::now();
-                        p.acked = p.acked.max(position.lsn);
                         p.stream = Stream::Streaming;
                     }
                 } else {

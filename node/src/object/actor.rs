@@ -164,11 +164,13 @@ impl Actor {
         }
         if env.sync_failures.is_marked(&handle.key) {
             if !may_block {
-                // Marked meanwhile: rerun on a blocking thread (see `process_inline`).
+                // Marked meanwhile: `process_inline` reruns every 408 on a blocking thread, so
+                // this never reaches the client; its own code keeps it apart from a real time
+                // limit in logs.
                 return Err(ApiError::new(
                     408,
-                    "requestTimeLimit",
-                    "the database needs a rebuild first",
+                    "rebuild_first",
+                    "the database needs a rebuild first, on a blocking thread",
                 ));
             }
             self.repair_failed_sync(handle, env);
