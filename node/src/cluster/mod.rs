@@ -976,4 +976,79 @@ mod tests {
         assert_eq!(stream(), Some(slot::Stream::Streaming));
         drop(runner);
     }
+
+    /// A slot runs one hand-off at a time. A second one, started while the first waits for its
+    /// target, is refused with 409 `handoff_in_progress` and changes nothing: its drain guard
+    /// could put the slot back to serving while the first one fenced it, and a write taken then
+    /// could be acknowledged without the new owner. Once the first ends (here its caller gives
+    /// up), the next may start; one whose target has everything fences the slot at its epoch.
+    #[test]
+    fn a_slot_runs_one_hand_off_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster, object, slot) = n1_owning_every_slot_alone(dir.path());
+        let written = write_alone(&cluster, &slot, &object);
+        // n2 joins as a follower at the same epoch; it never answers, so it is not streaming.
+        cluster.lease.renewed(Instant::now(), 2);
+        cluster.apply_placement(every_slot(2, 1, "n1", &["n2"]));
+        let handing_off = || slot.report().handing_off;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let first = tokio::spawn({
+                let (slot, cluster) = (slot.clone(), cluster.clone());
+                async move {
+                    slot.handoff(&cluster, "n2", 2, Duration::from_secs(60))
+                        .await
+                }
+            });
+            while handing_off().is_none() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let Err(second) = slot
+                .handoff(&cluster, "n2", 2, Duration::from_secs(60))
+                .await
+            else {
+                panic!("a second hand-off ran beside the first");
+            };
+            assert_eq!((second.status, second.code), (409, "handoff_in_progress"));
+            let report = slot.report();
+            assert_eq!(
+                (report.role, report.phase, report.epoch, report.fenced),
+                ("owner", Some(Phase::Serving), 1, 1),
+                "the first still waits for n2, serving"
+            );
+            assert_eq!(report.handing_off.as_deref(), Some("n2"));
+
+            first.abort();
+            assert!(first.await.is_err(), "the first hand-off was still waiting");
+            assert_eq!(handing_off(), None, "an abandoned hand-off ends");
+            let Err(third) = slot
+                .handoff(&cluster, "n2", 2, Duration::from_millis(50))
+                .await
+            else {
+                panic!("n2 never streamed, yet the slot was handed to it");
+            };
+            assert_eq!(third.code, "handoff_timeout", "{}", third.message);
+
+            // n2 reports it holds everything: the next hand-off drains and fences.
+            slot.on_status(
+                &cluster,
+                "n2",
+                1,
+                written,
+                crate::cluster::wire::FollowerState::Ok,
+            );
+            let handed = slot
+                .handoff(&cluster, "n2", 2, Duration::from_secs(10))
+                .await
+                .expect("handed off");
+            assert_eq!(handed, written);
+        });
+        let report = slot.report();
+        assert_eq!((report.role, report.fenced), ("none", 2));
+        assert_eq!(report.handing_off, None);
+        drop(runner);
+    }
 }

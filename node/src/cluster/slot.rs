@@ -136,6 +136,9 @@ pub struct SlotState {
     pub floors: HashMap<ObjectKey, Lsn>,
     /// First epoch this node accepted writes in as owner (recorded once per epoch).
     accepted_epoch: u64,
+    /// Owner: the target of the hand-off in progress. One at a time: a second one's drain
+    /// guard could put the slot back to serving while the first fences it.
+    handing_off: Option<String>,
 }
 
 pub struct Slot {
@@ -160,6 +163,8 @@ pub struct SlotReport {
     pub applied: Lsn,
     pub pending: usize,
     pub followers: Vec<FollowerReport>,
+    /// Owner: the target of the hand-off in progress, if one is.
+    pub handing_off: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -205,6 +210,7 @@ impl Slot {
                 closing: false,
                 floors,
                 accepted_epoch: 0,
+                handing_off: None,
             }),
             changed: tokio::sync::Notify::new(),
         }
@@ -772,8 +778,19 @@ impl Slot {
     /// Promises to refuse entries of epochs below `epoch` (durably, before answering) and
     /// reports the last durable position. An owner fenced at a newer epoch steps down.
     pub fn fence(self: &Arc<Self>, cl: &Arc<Cluster>, epoch: u64) -> Result<SlotPos, ApiError> {
+        self.fence_if(cl, epoch, |_| Ok(()))
+    }
+
+    /// [`Slot::fence`], once `allowed` accepts the slot's state, checked under the same lock.
+    fn fence_if(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        epoch: u64,
+        allowed: impl FnOnce(&SlotState) -> Result<(), ApiError>,
+    ) -> Result<SlotPos, ApiError> {
         let (pos, failed, stepped_down) = {
             let mut st = self.lock();
+            allowed(&st)?;
             if epoch > st.fenced {
                 cl.journal
                     .record(&[super::journal::Line::fence(&self.key, epoch)])
@@ -938,6 +955,7 @@ impl Slot {
         timeout: Duration,
     ) -> Result<SlotPos, ApiError> {
         let deadline = Instant::now() + timeout;
+        let _one_at_a_time = self.begin_handoff(to)?;
         self.wait_for_handoff(to, timeout, deadline, |st| {
             self.check_handoff(st, to, epoch)?;
             Ok(st
@@ -961,15 +979,49 @@ impl Slot {
         // Whatever ends this hand-off short of the fence — the timeout below, a fence that cannot
         // be journaled, or the caller giving up and dropping this future — the slot serves again.
         let _resume = ResumeUnlessFenced(self);
-        self.wait_for_handoff(to, timeout, deadline, |st| {
+        let drained = |st: &SlotState| {
             let caught_up = st
                 .progress
                 .iter()
                 .any(|p| p.node == to && p.acked >= st.appended.lsn);
-            Ok(st.pending.is_empty() && caught_up)
+            st.pending.is_empty() && caught_up
+        };
+        self.wait_for_handoff(to, timeout, deadline, |st| Ok(drained(st)))
+            .await?;
+        // Checked again under the fence's own lock: only a slot still draining, with nothing
+        // taken since the wait saw it drained, may be fenced and handed over.
+        self.fence_if(cl, epoch, |st| match st.role {
+            Role::Owner {
+                phase: Phase::Draining,
+                ..
+            } if drained(st) => Ok(()),
+            _ => Err(ApiError::new(
+                409,
+                "handoff_interrupted",
+                format!(
+                    "slot {} stopped draining before it could be handed to {to} (a new placement?); it was not fenced",
+                    self.key
+                ),
+            )),
         })
-        .await?;
-        self.fence(cl, epoch)
+    }
+
+    /// Marks a hand-off to `to` as the slot's one hand-off in progress until the returned guard
+    /// drops; 409 `handoff_in_progress` while another one runs.
+    fn begin_handoff(&self, to: &str) -> Result<HandoffInProgress<'_>, ApiError> {
+        let mut st = self.lock();
+        if let Some(other) = &st.handing_off {
+            return Err(ApiError::new(
+                409,
+                "handoff_in_progress",
+                format!(
+                    "slot {} is being handed off to {other} already; retry once that ends",
+                    self.key
+                ),
+            ));
+        }
+        st.handing_off = Some(to.to_string());
+        Ok(HandoffInProgress(self))
     }
 
     /// A draining owner whose hand-off did not fence it goes back to serving: nothing changed
@@ -1075,6 +1127,7 @@ impl Slot {
                     stream: p.stream,
                 })
                 .collect(),
+            handing_off: st.handing_off.clone(),
         }
     }
 
@@ -1233,6 +1286,15 @@ struct ResumeUnlessFenced<'a>(&'a Slot);
 impl Drop for ResumeUnlessFenced<'_> {
     fn drop(&mut self) {
         self.0.resume_serving();
+    }
+}
+
+/// Drop guard of a hand-off: see [`Slot::begin_handoff`].
+struct HandoffInProgress<'a>(&'a Slot);
+
+impl Drop for HandoffInProgress<'_> {
+    fn drop(&mut self) {
+        self.0.lock().handing_off = None;
     }
 }
 

@@ -8,6 +8,7 @@
 //! (`placement::plan_membership`).
 
 use super::admin_client::{NodeAdmin, is_handoff_timeout};
+use crate::error::ApiError;
 use crate::lsn::Lsn;
 use crate::placement::{
     AssignInput, ColoSlots, FollowerReport, NodeInfo, PlacementMap, SlotReplicas, assign_slots,
@@ -58,6 +59,9 @@ struct State {
     balanced: Option<(u64, Vec<String>, usize)>,
     /// A batch of hand-backs is running in the background.
     handing_back: bool,
+    /// Slots with a hand-off under way, explicit or a hand-back: one at a time per slot, for
+    /// two at once would race to publish and could leave the owner draining for neither.
+    handing_off: HashSet<(String, u32)>,
 }
 
 pub struct Coordinator {
@@ -120,6 +124,7 @@ impl Coordinator {
                 pinned: HashSet::new(),
                 balanced: None,
                 handing_back: false,
+                handing_off: HashSet::new(),
             }),
             changed: tokio::sync::Notify::new(),
             admin,
@@ -505,18 +510,34 @@ impl Coordinator {
         // The hand-offs run in the background, so failovers — which the next passes decide —
         // never wait behind them (a hand-off to a node that just died takes the owner's whole
         // timeout). One batch at a time.
-        {
+        let in_flight = {
             let mut st = self.lock();
             if st.handing_back {
                 return;
             }
+            // A slot an explicit hand-off is moving waits for the next pass: by then it is
+            // pinned where that hand-off put it, or free again.
+            moves.retain(|(colo, slot, ..)| !st.handing_off.contains(&(colo.clone(), *slot)));
+            moves.truncate(64);
+            if moves.is_empty() {
+                return;
+            }
             st.handing_back = true;
-        }
+            let slots: Vec<(String, u32)> =
+                moves.iter().map(|(c, s, ..)| (c.clone(), *s)).collect();
+            st.handing_off.extend(slots.iter().cloned());
+            slots
+        };
         let this = self.clone();
         let map = map.clone();
         tokio::spawn(async move {
+            // Held until the batch is published (or dropped).
+            let _in_flight = HandoffsInFlight {
+                coordinator: &this,
+                slots: in_flight,
+            };
             let done: Vec<(String, u32, SlotReplicas, SlotReplicas)> = futures::stream::iter(
-                moves.into_iter().take(64),
+                moves,
             )
             .map(|(colo, slot, cur, to)| {
                 let (this, map) = (&this, &map);
@@ -621,6 +642,23 @@ impl Coordinator {
         true
     }
 
+    /// Marks a slot as being handed off until the returned guard drops; 409
+    /// `handoff_in_progress` while another hand-off of it (explicit or a hand-back) runs.
+    pub fn begin_handoff(&self, colo: &str, slot: u32) -> Result<HandoffsInFlight<'_>, ApiError> {
+        let key = (colo.to_string(), slot);
+        if !self.lock().handing_off.insert(key.clone()) {
+            return Err(ApiError::new(
+                409,
+                "handoff_in_progress",
+                format!("{colo}#{slot} is being handed off already; retry once that ends"),
+            ));
+        }
+        Ok(HandoffsInFlight {
+            coordinator: self,
+            slots: vec![key],
+        })
+    }
+
     /// Notes that the owner of a slot may fence itself at `epoch` (a hand-off under way).
     pub fn note_fencing(&self, colo: &str, slot: u32, epoch: u64) {
         self.lock().fenced.insert((colo.to_string(), slot), epoch);
@@ -638,6 +676,21 @@ impl Coordinator {
         loop {
             tick.tick().await;
             self.pass().await;
+        }
+    }
+}
+
+/// Slots marked as being handed off, free again when this drops.
+pub struct HandoffsInFlight<'a> {
+    coordinator: &'a Coordinator,
+    slots: Vec<(String, u32)>,
+}
+
+impl Drop for HandoffsInFlight<'_> {
+    fn drop(&mut self) {
+        let mut st = self.coordinator.lock();
+        for key in &self.slots {
+            st.handing_off.remove(key);
         }
     }
 }
@@ -663,6 +716,17 @@ mod tests {
         /// Only the first this many tries fail with `fail_with` (all of them if `None`).
         fail_times: Option<u64>,
         tried: std::sync::atomic::AtomicU64,
+        /// Each hand-off asked for: its slot and target.
+        calls: std::sync::Mutex<Vec<(u32, String)>>,
+        /// When set, only hand-offs of this slot wait for `released`; others finish at once.
+        held_slot: std::sync::Mutex<Option<u32>>,
+    }
+
+    impl HandoffsWait {
+        fn calls_for(&self, slot: u32) -> usize {
+            let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            calls.iter().filter(|(s, _)| *s == slot).count()
+        }
     }
 
     impl NodeAdmin for HandoffsWait {
@@ -679,10 +743,14 @@ mod tests {
             &'a self,
             _: &'a str,
             _: &'a str,
-            _: u32,
-            _: &'a str,
+            slot: u32,
+            to: &'a str,
             epoch: u64,
         ) -> BoxFuture<'a, Result<Lsn, String>> {
+            self.calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((slot, to.to_string()));
             let try_number = self
                 .tried
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -692,7 +760,10 @@ mod tests {
                 {
                     return Err(error.to_string());
                 }
-                while !self.released.load(std::sync::atomic::Ordering::Acquire) {
+                let held = *self.held_slot.lock().unwrap_or_else(|p| p.into_inner());
+                while held.is_none_or(|h| h == slot)
+                    && !self.released.load(std::sync::atomic::Ordering::Acquire)
+                {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Ok(Lsn::new(epoch - 1, 7))
@@ -1059,5 +1130,114 @@ mod tests {
             (published.owner.as_str(), published.epoch),
             ("b", before.epoch + 1)
         );
+    }
+
+    /// A slot runs one hand-off at a time: a second explicit one is refused with 409
+    /// `handoff_in_progress` without reaching the owner, and the hand-backs that start meanwhile
+    /// leave that slot alone. (Two at once would race to publish, and one's giving up could put
+    /// the owner back to serving while the other fenced it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slot_being_handed_off_gets_no_second_hand_off_nor_a_hand_back() {
+        let lease = Duration::from_secs(1);
+        let admin = Arc::new(HandoffsWait::default());
+        let c = coordinator(lease, admin.clone());
+        let all = ["a", "b", "c"];
+        wait_all_own_slots(&c, &all).await;
+        let homes_of_c = owned_by(&c, "c");
+        // c goes silent and its slots fail over; then it comes back, and follows slots again.
+        assert!(beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await);
+        // The slots that balancing would hand back to c now, as the control loop computes them.
+        let hand_backs = |c: &Coordinator| -> Vec<(String, u32)> {
+            let map = c.placement();
+            let nodes = all.map(node);
+            let mut moves = Vec::new();
+            for (colo, slots) in &map.colos {
+                let target = assign_slots(&AssignInput {
+                    colo,
+                    slot_count: map.slot_count,
+                    replicas: map.replicas,
+                    nodes: &nodes,
+                    previous: Some(slots),
+                })
+                .expect("assignment");
+                for (i, (cur, tgt)) in slots.slots.iter().zip(&target.slots.slots).enumerate() {
+                    if tgt.owner == "c"
+                        && cur.owner != "c"
+                        && cur.followers.iter().any(|f| f == "c")
+                    {
+                        moves.push((colo.clone(), i as u32));
+                    }
+                }
+            }
+            moves
+        };
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(1), |c| hand_backs(c).len()
+                >= 2)
+            .await,
+            "balancing would hand slots back to c"
+        );
+        let (colo, slot) = hand_backs(&c)[0].clone();
+        assert_eq!(
+            admin.tried.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "no hand-back started yet: c has not settled"
+        );
+
+        // An explicit hand-off of one of them to c, which waits for the owner; hand-offs of
+        // other slots finish at once.
+        *admin.held_slot.lock().expect("held slot") = Some(slot);
+        let explicit = tokio::spawn({
+            let (c, colo) = (c.clone(), colo.clone());
+            async move { c.handoff(&colo, slot, "c").await }
+        });
+        while admin.calls_for(slot) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let second = tokio::time::timeout(Duration::from_secs(1), c.handoff(&colo, slot, "c"))
+            .await
+            .expect("answered at once, not waiting for the owner")
+            .expect_err("a second hand-off of the slot");
+        assert_eq!(
+            (second.status, second.code),
+            (409, "handoff_in_progress"),
+            "{}",
+            second.message
+        );
+        // c settles, and its other slots are handed back to it.
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(5), |c| owned_by(c, "c")
+                == homes_of_c - 1)
+            .await,
+            "c's other slots were handed back: {:?}",
+            admin.calls.lock().expect("calls")
+        );
+        beat_until(&c, &all, Duration::from_millis(500), |_| false).await;
+        assert_eq!(
+            admin.calls_for(slot),
+            1,
+            "only the explicit hand-off reached the owner"
+        );
+
+        admin
+            .released
+            .store(true, std::sync::atomic::Ordering::Release);
+        let published = explicit
+            .await
+            .expect("the hand-off task ends")
+            .expect("handed off");
+        assert_eq!(published.owner, "c");
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(5), |c| owned_by(c, "c")
+                == homes_of_c)
+            .await,
+            "the hand-backs finished"
+        );
+        assert_eq!(
+            admin.calls_for(slot),
+            1,
+            "and none of them moved that slot again"
+        );
+        assert_eq!(c.placement().replicas_of(&colo, slot), Some(&published));
     }
 }

@@ -115,6 +115,8 @@ impl Coordinator {
         slot: u32,
         to: &str,
     ) -> Result<crate::placement::SlotReplicas, ApiError> {
+        // Before reading the map: a hand-back of this slot publishes before it lets go.
+        let _in_flight = self.begin_handoff(colo, slot)?;
         let map = self.placement();
         let cur = map.replicas_of(colo, slot).cloned().ok_or_else(|| {
             ApiError::not_found(
