@@ -36,6 +36,9 @@ pub struct SyncFailures {
     /// Objects whose next sync fails, for tests of a whole node (no disk here fails on demand).
     #[cfg(test)]
     fail_next: Mutex<HashSet<ObjectKey>>,
+    /// Objects marked just after the next check of their mark, for tests of a whole node.
+    #[cfg(test)]
+    mark_after_check: Mutex<HashSet<ObjectKey>>,
 }
 
 impl Default for SyncFailures {
@@ -53,6 +56,8 @@ impl SyncFailures {
             gauge,
             #[cfg(test)]
             fail_next: Mutex::default(),
+            #[cfg(test)]
+            mark_after_check: Mutex::default(),
         }
     }
 
@@ -97,7 +102,28 @@ impl SyncFailures {
     /// Whether `key`'s file failed to sync and has not been rebuilt since. Cheap when no object
     /// is marked.
     pub fn is_marked(&self, key: &ObjectKey) -> bool {
-        self.gauge.get() > 0 && self.set().contains(key)
+        let marked = self.gauge.get() > 0 && self.set().contains(key);
+        #[cfg(test)]
+        if self
+            .mark_after_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+        {
+            // Not `mark_failed`: callers may hold the object's lock already.
+            self.mark(key);
+        }
+        marked
+    }
+
+    /// Marks `key` right after the next check of its mark answers (unmarked): as if a sync of its
+    /// file failed on another thread in that moment, which no test can time.
+    #[cfg(test)]
+    pub fn mark_after_next_check(&self, key: &ObjectKey) {
+        self.mark_after_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
     }
 
     fn mark(&self, key: &ObjectKey) {
