@@ -5,7 +5,7 @@
 
 use colony_node::cluster::peer_client::PeerClient;
 pub use colony_node::control::admin_client::{
-    HttpNodeAdmin, NodeAdmin, SlotStatus, is_handoff_timeout,
+    HttpNodeAdmin, NodeAdmin, SlotStatus, Unfenced, unfenced_answer,
 };
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,7 +9,7 @@ use crate::builders::{self, read_placement};
 use crate::context::{Context, RegionState, lock};
 use crate::crd::{Colo, Jurisdiction, ObjectNamespace};
 use crate::error::{Error, Result};
-use crate::node_admin::{NodeAdmin, is_handoff_timeout};
+use crate::node_admin::{NodeAdmin, Unfenced, unfenced_answer};
 use crate::region::{
     self, ColoView, FailoverOutcome, Health, LeaseRef, NodeView, Nodes, PlanInput, PlannedHandoff,
     SlotProgress,
@@ -446,7 +446,8 @@ async fn fetch_progress(
 
 /// Runs `handoffs` (owner's address with each) in the background, at most
 /// `max_concurrent_handoffs` at once, then publishes those that succeeded. A hand-off that
-/// timed out (`handoff_timeout`) or failed is planned again by a later pass.
+/// timed out (`handoff_timeout`), was interrupted (`handoff_interrupted`) or failed is planned
+/// again by a later pass if still wanted.
 fn start_handoffs(
     ctx: &Arc<Context>,
     state: &Arc<RegionState>,
@@ -484,9 +485,14 @@ fn start_handoffs(
                         ctx.metrics.handoff("done");
                         done.push(h);
                     }
-                    Err(e) if is_handoff_timeout(&e) => {
+                    Err(e) if unfenced_answer(&e) == Some(Unfenced::TimedOut) => {
                         ctx.metrics.handoff("timeout");
                         tracing::info!(colo = %h.colo, slot = h.slot, to = %h.to, "hand-off timed out; retried later");
+                    }
+                    Err(e) if unfenced_answer(&e) == Some(Unfenced::Interrupted) => {
+                        // The slot stopped draining before the fence: a new placement moved it.
+                        ctx.metrics.handoff("interrupted");
+                        tracing::info!(colo = %h.colo, slot = h.slot, to = %h.to, error = %e, "hand-off interrupted by a new placement; planned again if still wanted");
                     }
                     Err(e) => {
                         // The owner may have fenced itself even though its answer was lost.

@@ -6,7 +6,7 @@ use axum::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use colony_node::lsn::Lsn;
-use colony_operator::node_admin::{AdminConnector, HttpAdminConnector, is_handoff_timeout};
+use colony_operator::node_admin::{AdminConnector, HttpAdminConnector, Unfenced, unfenced_answer};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -36,6 +36,8 @@ async fn node() -> String {
                 authorized(&h)?;
                 if b["to"] == "ams-2" && b["epoch"] == 9 {
                     Ok(Json(json!({"durable": {"epoch": 9, "seq": 1}, "chain": 0})))
+                } else if b["to"] == "ams-3" {
+                    Err((StatusCode::CONFLICT, r#"{"error":{"code":"handoff_interrupted","message":"slot ams#7 stopped draining"}}"#))
                 } else {
                     Err((StatusCode::SERVICE_UNAVAILABLE, r#"{"error":{"code":"handoff_timeout","message":"ams-0 did not catch up"}}"#))
                 }
@@ -80,7 +82,20 @@ async fn fence_handoff_and_report_carry_the_admin_token() {
         .handoff(&address, "ams", 7, "ams-0", 9)
         .await
         .expect_err("timed out");
-    assert!(is_handoff_timeout(&timed_out), "{timed_out}");
+    assert_eq!(
+        unfenced_answer(&timed_out),
+        Some(Unfenced::TimedOut),
+        "{timed_out}"
+    );
+    let interrupted = admin
+        .handoff(&address, "ams", 7, "ams-3", 9)
+        .await
+        .expect_err("interrupted");
+    assert_eq!(
+        unfenced_answer(&interrupted),
+        Some(Unfenced::Interrupted),
+        "{interrupted}"
+    );
     let r = admin.status(&address, "ams", 7).await.expect("status");
     assert_eq!(
         (r.role.as_str(), r.epoch, r.durable, r.placement_version),
@@ -93,6 +108,6 @@ async fn fence_handoff_and_report_carry_the_admin_token() {
         .await
         .expect_err("refused");
     assert!(refused.contains("401"), "{refused}");
-    assert!(!is_handoff_timeout(&refused));
+    assert_eq!(unfenced_answer(&refused), None);
     assert!(admin.fence("127.0.0.1:1", "ams", 0, 1).await.is_err());
 }

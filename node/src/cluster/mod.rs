@@ -981,7 +981,8 @@ mod tests {
     /// target, is refused with 409 `handoff_in_progress` and changes nothing: its drain guard
     /// could put the slot back to serving while the first one fenced it, and a write taken then
     /// could be acknowledged without the new owner. Once the first ends (here its caller gives
-    /// up), the next may start; one whose target has everything fences the slot at its epoch.
+    /// up), the next may start; one whose target has everything fences the slot at its epoch. A
+    /// hand-off's fence on a slot that is not draining fences nothing.
     #[test]
     fn a_slot_runs_one_hand_off_at_a_time() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1006,10 +1007,12 @@ mod tests {
             while handing_off().is_none() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let Err(second) = slot
-                .handoff(&cluster, "n2", 2, Duration::from_secs(60))
-                .await
-            else {
+            let Err(second) = tokio::time::timeout(
+                Duration::from_secs(1),
+                slot.handoff(&cluster, "n2", 2, Duration::from_secs(60)),
+            )
+            .await
+            .expect("answered at once, not waiting beside the first") else {
                 panic!("a second hand-off ran beside the first");
             };
             assert_eq!((second.status, second.code), (409, "handoff_in_progress"));
@@ -1031,6 +1034,21 @@ mod tests {
                 panic!("n2 never streamed, yet the slot was handed to it");
             };
             assert_eq!(third.code, "handoff_timeout", "{}", third.message);
+
+            // A hand-off's fence, reached by a slot that is not draining (a new placement
+            // moved it in the moment before): refused, and nothing fenced.
+            let Err(interrupted) = slot.fence_drained(&cluster, 2, "n2") else {
+                panic!("fenced a slot that was serving");
+            };
+            assert_eq!(
+                (interrupted.status, interrupted.code),
+                (409, "handoff_interrupted")
+            );
+            let report = slot.report();
+            assert_eq!(
+                (report.role, report.phase, report.fenced),
+                ("owner", Some(Phase::Serving), 1)
+            );
 
             // n2 reports it holds everything: the next hand-off drains and fences.
             slot.on_status(

@@ -979,27 +979,30 @@ impl Slot {
         // Whatever ends this hand-off short of the fence — the timeout below, a fence that cannot
         // be journaled, or the caller giving up and dropping this future — the slot serves again.
         let _resume = ResumeUnlessFenced(self);
-        let drained = |st: &SlotState| {
-            let caught_up = st
-                .progress
-                .iter()
-                .any(|p| p.node == to && p.acked >= st.appended.lsn);
-            st.pending.is_empty() && caught_up
-        };
-        self.wait_for_handoff(to, timeout, deadline, |st| Ok(drained(st)))
+        self.wait_for_handoff(to, timeout, deadline, |st| Ok(drained_for(st, to)))
             .await?;
-        // Checked again under the fence's own lock: only a slot still draining, with nothing
-        // taken since the wait saw it drained, may be fenced and handed over.
+        self.fence_drained(cl, epoch, to)
+    }
+
+    /// The hand-off's fence at `epoch`, for `to`: checked again under the fence's own lock, only
+    /// a slot still draining, with nothing taken since the wait saw it drained, may be fenced and
+    /// handed over. Otherwise 409 `handoff_interrupted`, and this hand-off fenced nothing.
+    pub(super) fn fence_drained(
+        self: &Arc<Self>,
+        cl: &Arc<Cluster>,
+        epoch: u64,
+        to: &str,
+    ) -> Result<SlotPos, ApiError> {
         self.fence_if(cl, epoch, |st| match st.role {
             Role::Owner {
                 phase: Phase::Draining,
                 ..
-            } if drained(st) => Ok(()),
+            } if drained_for(st, to) => Ok(()),
             _ => Err(ApiError::new(
                 409,
                 "handoff_interrupted",
                 format!(
-                    "slot {} stopped draining before it could be handed to {to} (a new placement?); it was not fenced",
+                    "slot {} stopped draining before it could be handed to {to} (a new placement?); this hand-off did not fence it",
                     self.key
                 ),
             )),
@@ -1224,6 +1227,16 @@ fn handoff_target_state(st: &SlotState, to: &str) -> String {
 /// A hand-off may stop the slot's writes once its target is this close: streaming (not probing
 /// or installing a snapshot) and at most [`RING_ENTRIES`] entries behind (the most the owner
 /// keeps to resend). What remains then takes moments, not a sync's seconds.
+/// A draining owner may fence itself for `to`: nothing waits for a quorum, and `to` holds every
+/// entry.
+fn drained_for(st: &SlotState, to: &str) -> bool {
+    let caught_up = st
+        .progress
+        .iter()
+        .any(|p| p.node == to && p.acked >= st.appended.lsn);
+    st.pending.is_empty() && caught_up
+}
+
 fn close_enough_to_drain(stream: Stream, acked: Lsn, appended: Lsn) -> bool {
     stream == Stream::Streaming && acked.seq.saturating_add(RING_ENTRIES as u64) >= appended.seq
 }

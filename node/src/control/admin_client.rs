@@ -118,38 +118,62 @@ impl NodeAdmin for HttpNodeAdmin {
     }
 }
 
-/// Whether an admin error is the node's `handoff_timeout` answer (503: the target did not catch
-/// up in time; the owner never fenced itself, serves on, and the hand-off may simply be retried).
-/// Any other failure may have fenced the owner, its answer lost on the way.
+/// A failed hand-off the owner answered itself, saying it did not fence itself for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unfenced {
+    /// 503 `handoff_timeout`: the target did not catch up in time; the owner serves on, and the
+    /// hand-off may simply be retried.
+    TimedOut,
+    /// 409 `handoff_interrupted`: the slot stopped draining (a new placement) before the fence.
+    Interrupted,
+}
+
+/// Which of the owner's own "not fenced" answers an admin error is, if any. Any other failure
+/// may have fenced the owner, its answer lost on the way, and that epoch must be published.
 ///
 /// Matched on the status and the start of the node's error body as the client reports them
 /// (`{url}: 503 Service Unavailable {"error":{"code":"handoff_timeout",...`), not on the word
 /// anywhere: a false match would skip publishing an epoch the owner may be fenced at. The body
 /// is cut at 300 characters, but its code comes first.
-pub fn is_handoff_timeout(error: &str) -> bool {
-    error.contains(HANDOFF_TIMEOUT_ANSWER)
+pub fn unfenced_answer(error: &str) -> Option<Unfenced> {
+    if error.contains(r#": 503 Service Unavailable {"error":{"code":"handoff_timeout","#) {
+        Some(Unfenced::TimedOut)
+    } else if error.contains(r#": 409 Conflict {"error":{"code":"handoff_interrupted","#) {
+        Some(Unfenced::Interrupted)
+    } else {
+        None
+    }
 }
-
-const HANDOFF_TIMEOUT_ANSWER: &str =
-    r#": 503 Service Unavailable {"error":{"code":"handoff_timeout","#;
 
 #[cfg(test)]
 mod tests {
-    use super::is_handoff_timeout;
+    use super::{Unfenced, unfenced_answer};
 
-    /// Only the node's own 503 `handoff_timeout` answer counts: the word elsewhere (a colo so
-    /// named, another error's message) must not, or a fence the owner may hold goes unpublished.
+    /// Only the node's own 503 `handoff_timeout` and 409 `handoff_interrupted` answers count: the
+    /// words elsewhere (a colo so named, another error's message, another status) must not, or a
+    /// fence the owner may hold goes unpublished.
     #[test]
-    fn only_the_owners_503_handoff_timeout_answer_counts_as_one() {
+    fn only_the_owners_own_answers_count_as_unfenced() {
         let url = "http://10.0.0.1:8787/v1/admin/slots/ams/3/handoff";
         let answer = |status: &str, code: &str, message: &str| {
             format!(r#"{url}: {status} {{"error":{{"code":"{code}","message":"{message}"}}}}"#)
         };
-        assert!(is_handoff_timeout(&answer(
-            "503 Service Unavailable",
-            "handoff_timeout",
-            "ams-0 did not catch up"
-        )));
+        assert_eq!(
+            unfenced_answer(&answer(
+                "503 Service Unavailable",
+                "handoff_timeout",
+                "ams-0 did not catch up"
+            )),
+            Some(Unfenced::TimedOut)
+        );
+        assert_eq!(
+            unfenced_answer(&answer(
+                "409 Conflict",
+                "handoff_interrupted",
+                "slot ams#3 stopped draining"
+            )),
+            Some(Unfenced::Interrupted)
+        );
         for not_one in [
             answer("500 Internal Server Error", "internal", "handoff_timeout"),
             answer(
@@ -158,10 +182,16 @@ mod tests {
                 "after handoff_timeout",
             ),
             answer("409 Conflict", "handoff_timeout", "not a real answer"),
+            answer(
+                "503 Service Unavailable",
+                "handoff_interrupted",
+                "not one either",
+            ),
+            answer("409 Conflict", "handoff_in_progress", "handoff_interrupted"),
             format!("{url}: no answer within 18s"),
             "http://handoff_timeout:1/v1/admin/slots/x/0/handoff: connection refused".to_string(),
         ] {
-            assert!(!is_handoff_timeout(&not_one), "{not_one}");
+            assert_eq!(unfenced_answer(&not_one), None, "{not_one}");
         }
     }
 }

@@ -7,7 +7,7 @@
 //! catches up when it returns). Permanent membership changes are the operator's business
 //! (`placement::plan_membership`).
 
-use super::admin_client::{NodeAdmin, is_handoff_timeout};
+use super::admin_client::{NodeAdmin, unfenced_answer};
 use crate::error::ApiError;
 use crate::lsn::Lsn;
 use crate::placement::{
@@ -516,8 +516,14 @@ impl Coordinator {
                 return;
             }
             // A slot an explicit hand-off is moving waits for the next pass: by then it is
-            // pinned where that hand-off put it, or free again.
-            moves.retain(|(colo, slot, ..)| !st.handing_off.contains(&(colo.clone(), *slot)));
+            // pinned where that hand-off put it, or free again. So does one that hand-off moved
+            // since this pass read the map.
+            moves.retain(|(colo, slot, cur, _)| {
+                let key = (colo.clone(), *slot);
+                !st.handing_off.contains(&key)
+                    && !st.pinned.contains(&key)
+                    && st.map.replicas_of(colo, *slot) == Some(cur)
+            });
             moves.truncate(64);
             if moves.is_empty() {
                 return;
@@ -526,16 +532,18 @@ impl Coordinator {
             let slots: Vec<(String, u32)> =
                 moves.iter().map(|(c, s, ..)| (c.clone(), *s)).collect();
             st.handing_off.extend(slots.iter().cloned());
-            slots
+            // Ends the batch and frees its slots however the task ends.
+            HandoffsInFlight {
+                coordinator: self.clone(),
+                slots,
+                batch: true,
+            }
         };
         let this = self.clone();
         let map = map.clone();
         tokio::spawn(async move {
             // Held until the batch is published (or dropped).
-            let _in_flight = HandoffsInFlight {
-                coordinator: &this,
-                slots: in_flight,
-            };
+            let _in_flight = in_flight;
             let done: Vec<(String, u32, SlotReplicas, SlotReplicas)> = futures::stream::iter(
                 moves,
             )
@@ -554,10 +562,10 @@ impl Coordinator {
                             Some((colo, slot, cur, next))
                         }
                         Err(e) => {
-                            // Unless the owner said it timed out (it never fenced itself then),
-                            // it may have fenced itself at `epoch` though its answer did not
-                            // arrive: that epoch must be published.
-                            if !is_handoff_timeout(&e) {
+                            // Unless the owner said it did not fence itself (it timed out, or
+                            // the slot stopped draining), it may have fenced itself at `epoch`
+                            // though its answer did not arrive: that epoch must be published.
+                            if unfenced_answer(&e).is_none() {
                                 this.note_fencing(&colo, slot, epoch);
                             }
                             tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
@@ -571,7 +579,6 @@ impl Coordinator {
             .collect()
             .await;
             let mut st = this.lock();
-            st.handing_back = false;
             let mut next = (*st.map).clone();
             let mut moved = 0u64;
             for (colo, slot, before, after) in &done {
@@ -644,7 +651,11 @@ impl Coordinator {
 
     /// Marks a slot as being handed off until the returned guard drops; 409
     /// `handoff_in_progress` while another hand-off of it (explicit or a hand-back) runs.
-    pub fn begin_handoff(&self, colo: &str, slot: u32) -> Result<HandoffsInFlight<'_>, ApiError> {
+    pub fn begin_handoff(
+        &self,
+        colo: &str,
+        slot: u32,
+    ) -> Result<HandoffsInFlight<&Coordinator>, ApiError> {
         let key = (colo.to_string(), slot);
         if !self.lock().handing_off.insert(key.clone()) {
             return Err(ApiError::new(
@@ -656,6 +667,7 @@ impl Coordinator {
         Ok(HandoffsInFlight {
             coordinator: self,
             slots: vec![key],
+            batch: false,
         })
     }
 
@@ -680,17 +692,22 @@ impl Coordinator {
     }
 }
 
-/// Slots marked as being handed off, free again when this drops.
-pub struct HandoffsInFlight<'a> {
-    coordinator: &'a Coordinator,
+/// Slots marked as being handed off, free again when this drops; for a hand-back `batch`, the
+/// next batch may start then too.
+pub struct HandoffsInFlight<C: std::ops::Deref<Target = Coordinator>> {
+    coordinator: C,
     slots: Vec<(String, u32)>,
+    batch: bool,
 }
 
-impl Drop for HandoffsInFlight<'_> {
+impl<C: std::ops::Deref<Target = Coordinator>> Drop for HandoffsInFlight<C> {
     fn drop(&mut self) {
         let mut st = self.coordinator.lock();
         for key in &self.slots {
             st.handing_off.remove(key);
+        }
+        if self.batch {
+            st.handing_back = false;
         }
     }
 }
@@ -1093,18 +1110,36 @@ mod tests {
         assert_eq!(c.placement().replicas_of(&colo, slot), Some(&published));
     }
 
-    /// An explicit hand-off the owner answered with its own `handoff_timeout` changed nothing:
-    /// the owner never fenced itself and serves on, so the slot keeps its epoch (a republish
-    /// would only send the owner through recovery) and a retry starts at once, with no
-    /// `handoff_settling` wait, at the next epoch.
+    /// An explicit hand-off the owner answered with its own `handoff_timeout` (or
+    /// `handoff_interrupted`) changed nothing: the owner never fenced itself, so the slot keeps
+    /// its epoch (a republish would only send the owner through recovery), the answer is passed
+    /// on, and a retry starts at once, with no `handoff_settling` wait, at the next epoch.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_explicit_hand_off_the_owner_timed_out_keeps_the_epoch_and_may_be_retried_at_once() {
+        explicit_hand_off_the_owner_did_not_fence(
+            r#"http://a:1/v1/admin/slots/x/0/handoff: 503 Service Unavailable {"error":{"code":"handoff_timeout","message":"b did not catch up"}}"#,
+            (503, "handoff_timeout"),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_explicit_hand_off_the_owner_found_interrupted_keeps_the_epoch_too() {
+        explicit_hand_off_the_owner_did_not_fence(
+            r#"http://a:1/v1/admin/slots/x/0/handoff: 409 Conflict {"error":{"code":"handoff_interrupted","message":"slot x#0 stopped draining"}}"#,
+            (409, "handoff_interrupted"),
+        )
+        .await;
+    }
+
+    async fn explicit_hand_off_the_owner_did_not_fence(
+        answer: &'static str,
+        passed_on: (u16, &'static str),
+    ) {
         let lease = Duration::from_secs(10);
         let admin = Arc::new(HandoffsWait {
             released: std::sync::atomic::AtomicBool::new(true),
-            fail_with: Some(
-                r#"http://a:1/v1/admin/slots/x/0/handoff: 503 Service Unavailable {"error":{"code":"handoff_timeout","message":"b did not catch up"}}"#,
-            ),
+            fail_with: Some(answer),
             fail_times: Some(1),
             ..HandoffsWait::default()
         });
@@ -1113,12 +1148,12 @@ mod tests {
         wait_all_own_slots(&c, &all).await;
         let (colo, slot, before) = a_slot_a_owns_and_b_follows(&c);
 
-        let timed_out = c.handoff(&colo, slot, "b").await.expect_err("timed out");
+        let refused = c.handoff(&colo, slot, "b").await.expect_err("not done");
         assert_eq!(
-            (timed_out.status, timed_out.code),
-            (503, "handoff_timeout"),
+            (refused.status, refused.code),
+            passed_on,
             "{}",
-            timed_out.message
+            refused.message
         );
         assert_eq!(c.pending_fence(&colo, slot), None, "no fence to publish");
         // Loop passes that would republish a noted fence.

@@ -12,7 +12,7 @@ pub mod admin_client;
 pub mod coordinator;
 pub mod dev;
 
-use self::admin_client::is_handoff_timeout;
+use self::admin_client::{Unfenced, unfenced_answer};
 use self::coordinator::Coordinator;
 use crate::cluster::control::{Heartbeat, HeartbeatReply, PLACEMENT_WAIT};
 use crate::error::ApiError;
@@ -158,10 +158,17 @@ impl Coordinator {
             .admin_handoff(&address, colo, slot, to, cur.epoch + 1)
             .await
         {
-            if is_handoff_timeout(&e) {
-                // The owner's own answer: it gave up before fencing itself and serves on at its
-                // epoch. Republishing it at a newer one would only send it through recovery.
-                return Err(ApiError::unavailable("handoff_timeout", e));
+            // The owner's own answers that it did not fence itself: it serves on at its epoch (or
+            // a new placement moved the slot), and republishing it at a newer one would only
+            // send it through recovery.
+            match unfenced_answer(&e) {
+                Some(Unfenced::TimedOut) => {
+                    return Err(ApiError::unavailable("handoff_timeout", e));
+                }
+                Some(Unfenced::Interrupted) => {
+                    return Err(ApiError::new(409, "handoff_interrupted", e));
+                }
+                None => {}
             }
             // Any other failure may have fenced the owner, its answer lost on the way.
             self.note_fencing(colo, slot, cur.epoch + 1);
