@@ -1224,9 +1224,6 @@ fn handoff_target_state(st: &SlotState, to: &str) -> String {
     }
 }
 
-/// A hand-off may stop the slot's writes once its target is this close: streaming (not probing
-/// or installing a snapshot) and at most [`RING_ENTRIES`] entries behind (the most the owner
-/// keeps to resend). What remains then takes moments, not a sync's seconds.
 /// A draining owner may fence itself for `to`: nothing waits for a quorum, and `to` holds every
 /// entry.
 fn drained_for(st: &SlotState, to: &str) -> bool {
@@ -1237,6 +1234,9 @@ fn drained_for(st: &SlotState, to: &str) -> bool {
     st.pending.is_empty() && caught_up
 }
 
+/// A hand-off may stop the slot's writes once its target is this close: streaming (not probing
+/// or installing a snapshot) and at most [`RING_ENTRIES`] entries behind (the most the owner
+/// keeps to resend). What remains then takes moments, not a sync's seconds.
 fn close_enough_to_drain(stream: Stream, acked: Lsn, appended: Lsn) -> bool {
     stream == Stream::Streaming && acked.seq.saturating_add(RING_ENTRIES as u64) >= appended.seq
 }
