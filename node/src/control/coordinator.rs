@@ -1044,6 +1044,12 @@ mod tests {
         )
         .await;
         assert_eq!(before, after);
+        // Nor did it when the slot stopped draining under it.
+        let (before, after) = epochs_around_failed_hand_backs(
+            r#"http://a:1/v1/admin/slots/x/0/handoff: 409 Conflict {"error":{"code":"handoff_interrupted","message":"slot x#0 stopped draining"}}"#,
+        )
+        .await;
+        assert_eq!(before, after);
         // Lost answer: the owner may have fenced itself at the hand-off's epoch, which must be
         // published before anything else can serve the slot.
         let (before, after) = epochs_around_failed_hand_backs("connection reset by peer").await;

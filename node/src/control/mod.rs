@@ -136,8 +136,8 @@ impl Coordinator {
                 ),
             ));
         }
-        // An earlier attempt failed with an answer other than the owner's own `handoff_timeout`
-        // (a lost answer looks like any other failure), so the owner may have fenced itself at
+        // An earlier attempt failed with an answer other than the owner's own "not fenced" ones
+        // (`handoff_timeout`, `handoff_interrupted`; a lost answer looks like any other failure), so the owner may have fenced itself at
         // the next epoch, and the control loop is about to republish the slot there. Starting
         // now would hand off at that same epoch and lose the race to the republish (409
         // `slot_moved`) whenever the hand-off takes longer than a loop pass.
