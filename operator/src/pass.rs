@@ -485,22 +485,24 @@ fn start_handoffs(
                         ctx.metrics.handoff("done");
                         done.push(h);
                     }
-                    Err(e) if unfenced_answer(&e) == Some(Unfenced::TimedOut) => {
-                        ctx.metrics.handoff("timeout");
-                        tracing::info!(colo = %h.colo, slot = h.slot, to = %h.to, "hand-off timed out; retried later");
-                    }
-                    Err(e) if unfenced_answer(&e) == Some(Unfenced::Interrupted) => {
-                        // The slot stopped draining before the fence: a new placement moved it.
-                        ctx.metrics.handoff("interrupted");
-                        tracing::info!(colo = %h.colo, slot = h.slot, to = %h.to, error = %e, "hand-off interrupted by a new placement; planned again if still wanted");
-                    }
-                    Err(e) => {
-                        // The owner may have fenced itself even though its answer was lost.
-                        state.note_fenced(&h.colo, h.slot, h.epoch);
-                        ctx.admin_refused(&ns, &e);
-                        ctx.metrics.handoff("failed");
-                        tracing::warn!(colo = %h.colo, slot = h.slot, to = %h.to, error = %e, "hand-off failed; retried later");
-                    }
+                    Err(e) => match unfenced_answer(&e) {
+                        Some(Unfenced::TimedOut) => {
+                            ctx.metrics.handoff("timeout");
+                            tracing::info!(colo = %h.colo, slot = h.slot, to = %h.to, "hand-off timed out; retried later");
+                        }
+                        Some(Unfenced::Interrupted) => {
+                            // The slot stopped draining before the fence: a new placement moved it.
+                            ctx.metrics.handoff("interrupted");
+                            tracing::info!(colo = %h.colo, slot = h.slot, to = %h.to, error = %e, "hand-off interrupted by a new placement; planned again if still wanted");
+                        }
+                        None => {
+                            // The owner may have fenced itself even though its answer was lost.
+                            state.note_fenced(&h.colo, h.slot, h.epoch);
+                            ctx.admin_refused(&ns, &e);
+                            ctx.metrics.handoff("failed");
+                            tracing::warn!(colo = %h.colo, slot = h.slot, to = %h.to, error = %e, "hand-off failed; retried later");
+                        }
+                    },
                 }
             }
         }

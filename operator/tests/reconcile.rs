@@ -847,13 +847,33 @@ async fn scaling_down_hands_over_and_steps_out_before_the_statefulset_shrinks() 
 
 #[tokio::test]
 async fn a_hand_off_timeout_is_retried_and_a_publish_conflict_starts_nothing() {
+    hand_offs_the_owner_did_not_fence_are_retried(
+        "http://ams-2.ams.colony.svc:8787/v1/admin/slots/ams/0/handoff: 503 Service Unavailable {\"error\":{\"code\":\"handoff_timeout\",\"message\":\"ams-0 did not catch up\"}}",
+        "timeout",
+    )
+    .await;
+}
+
+/// A hand-off the owner found interrupted (a new placement moved the slot before its fence) is
+/// counted as such, and, like a timeout, notes no fence to publish.
+#[tokio::test]
+async fn an_interrupted_hand_off_notes_no_fence() {
+    hand_offs_the_owner_did_not_fence_are_retried(
+        "http://ams-2.ams.colony.svc:8787/v1/admin/slots/ams/0/handoff: 409 Conflict {\"error\":{\"code\":\"handoff_interrupted\",\"message\":\"slot ams#0 stopped draining\"}}",
+        "interrupted",
+    )
+    .await;
+}
+
+/// Every hand-off answers `answer`, one of the owner's "not fenced" answers: a first pass plans
+/// nothing after a publish conflict, the next starts the hand-offs, which all end as `outcome`
+/// with nothing published and no fence noted.
+async fn hand_offs_the_owner_did_not_fence_are_retried(answer: &str, outcome: &str) {
     let before = initial_map();
     let published: Published = Arc::new(Mutex::new(Some(before.clone())));
     let admin = admin_of(&["ams-0", "ams-1", "ams-2"], Lsn::new(1, 10));
     admin.apply(&before);
-    *admin.handoff_error.lock().expect("lock") = Some(
-        "http://ams-2.ams.colony.svc:8787/v1/admin/slots/ams/0/handoff: 503 Service Unavailable {\"error\":{\"code\":\"handoff_timeout\",\"message\":\"ams-0 did not catch up\"}}".into(),
-    );
+    *admin.handoff_error.lock().expect("lock") = Some(answer.into());
     let colos = vec![colo("ams", "eu", 2, 6)];
     let ons = vec![served_namespace("chat", 3, 2)];
     let all = ["ams-0", "ams-1", "ams-2"];
@@ -893,10 +913,17 @@ async fn a_hand_off_timeout_is_retried_and_a_publish_conflict_starts_nothing() {
     within(ctx.region("colony", "eu").settled()).await;
     let metrics = ctx.metrics.encode().expect("metrics");
     assert!(
-        metrics.contains("colony_operator_handoffs_total{outcome=\"timeout\"} 2"),
+        metrics.contains(&format!(
+            "colony_operator_handoffs_total{{outcome=\"{outcome}\"}} 2"
+        )),
         "{metrics}"
     );
     assert!(ctx.region("colony", "eu").done().is_empty());
+    assert!(
+        ctx.region("colony", "eu").fenced().is_empty(),
+        "no fence noted: {:?}",
+        ctx.region("colony", "eu").fenced()
+    );
     within(server).await.expect("server");
 }
 
