@@ -198,8 +198,24 @@ async fn connect(
     Ok(stream)
 }
 
+/// The first wait before connecting again after a failed attempt; it doubles up to
+/// [`MAX_BACKOFF`] while attempts keep failing.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A link lost sooner than this after it came up counts as a failed attempt: the next one waits
+/// the backoff. Without that, a follower that took the upgrade and then dropped the connection
+/// at once (or an owner that met a frame it could not read) reconnected in a tight loop, through
+/// hundreds of connections a second. A link that lived longer reconnects at once.
+const STABLE_LINK: Duration = Duration::from_secs(1);
+
 async fn run_link(cluster: Weak<Cluster>, node: String, link: Arc<Link>) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = FIRST_BACKOFF;
+    let backoff_after = |backoff: &mut Duration| {
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        wait
+    };
     loop {
         let Some(cl) = cluster.upgrade() else { return };
         let Some(addr) = cl.address_of(&node) else {
@@ -212,12 +228,11 @@ async fn run_link(cluster: Weak<Cluster>, node: String, link: Arc<Link>) {
             Err(e) => {
                 tracing::debug!(node, error = %e, "replication link down");
                 drop(cl);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                tokio::time::sleep(backoff_after(&mut backoff)).await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        let up_since = std::time::Instant::now();
         let (mut reader, mut writer) = stream.into_split();
         let mut hello = BytesMut::new();
         Frame::Hello {
@@ -225,6 +240,8 @@ async fn run_link(cluster: Weak<Cluster>, node: String, link: Arc<Link>) {
         }
         .encode(&mut hello);
         if writer.write_all(&hello).await.is_err() {
+            drop(cl);
+            tokio::time::sleep(backoff_after(&mut backoff)).await;
             continue;
         }
         let socket = Arc::new(writer);
@@ -270,7 +287,15 @@ async fn run_link(cluster: Weak<Cluster>, node: String, link: Arc<Link>) {
             out.queue.clear();
             out.task_writes = false;
         }
-        tracing::debug!(node, "replication link lost; reconnecting");
+        drop(socket);
+        if up_since.elapsed() < STABLE_LINK {
+            let wait = backoff_after(&mut backoff);
+            tracing::debug!(node, ?wait, "replication link lost soon after it came up");
+            tokio::time::sleep(wait).await;
+        } else {
+            backoff = FIRST_BACKOFF;
+            tracing::debug!(node, "replication link lost; reconnecting");
+        }
     }
 }
 

@@ -1069,4 +1069,78 @@ mod tests {
         assert_eq!(report.handing_off, None);
         drop(runner);
     }
+
+    /// A follower that takes the replication upgrade and then drops the connection at once (the
+    /// first five times; then it keeps one open for 1.5 s): the owner's link waits longer before
+    /// each new attempt instead of reconnecting in a tight loop, and after a link that stayed up
+    /// it reconnects at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_dropped_right_after_the_upgrade_backs_off_and_a_stable_one_reconnects_at_once()
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster) = node_n1(dir.path());
+        cluster
+            .links
+            .bind(&cluster, tokio::runtime::Handle::current());
+        let follower = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut map = every_slot(1, 1, "n1", &["n2"]);
+        if let Some(n2) = map.nodes.get_mut("n2") {
+            n2.address = follower.local_addr().expect("addr").to_string();
+        }
+        cluster.lease.renewed(Instant::now(), 1);
+        cluster.apply_placement(map);
+        // Starts the link (the frame itself is dropped while the link is down).
+        cluster.links.send("n2", Frame::Hello { node: "n1".into() });
+
+        const DROPPED_AT_ONCE: usize = 5;
+        // When each connection was accepted and when it was closed.
+        let mut accepted = Vec::new();
+        let mut closed = Vec::new();
+        while accepted.len() < DROPPED_AT_ONCE + 2 {
+            let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), follower.accept())
+                .await
+                .expect("the link connects again")
+                .expect("accept");
+            accepted.push(Instant::now());
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                let n = conn.read(&mut byte).await.expect("read the upgrade");
+                assert_eq!(n, 1, "the link sent a whole upgrade request");
+                head.push(byte[0]);
+            }
+            conn.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: colony-replication\r\n\r\n",
+            )
+            .await
+            .expect("answer the upgrade");
+            if accepted.len() > DROPPED_AT_ONCE {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            drop(conn);
+            closed.push(Instant::now());
+        }
+        // Each of the first reconnections waits at least the first backoff (50 ms), doubling.
+        let waits: Vec<Duration> = (1..=DROPPED_AT_ONCE)
+            .map(|i| accepted[i] - closed[i - 1])
+            .collect();
+        for (i, wait) in waits.iter().enumerate() {
+            let least = Duration::from_millis(40 << i);
+            assert!(
+                *wait >= least,
+                "reconnection {} after {wait:?}, sooner than {least:?}: {waits:?}",
+                i + 1
+            );
+        }
+        // The link that stayed up 1.5 s reconnects at once, not after the grown backoff (800 ms).
+        let again = accepted[DROPPED_AT_ONCE + 1] - closed[DROPPED_AT_ONCE];
+        assert!(
+            again < Duration::from_millis(500),
+            "a stable link reconnected after {again:?}"
+        );
+        drop(runner);
+    }
 }
