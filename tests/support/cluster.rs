@@ -160,24 +160,46 @@ impl TestCluster {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start the control plane");
-        let control_url = format!("http://{control_proxy}");
+        // From here on the cluster's Drop stops every process started and unmounts every disk
+        // mounted, should a later step panic.
+        let mut cluster = TestCluster {
+            proxy,
+            nodes: Vec::new(),
+            control_url: format!("http://{control_proxy}"),
+            control,
+            client: client(),
+            opts,
+            dir,
+        };
         // Shared ID keys.
-        let keys = dir.path().join("keys");
+        let keys = cluster.dir.path().join("keys");
         std::fs::create_dir_all(&keys).expect("keys dir");
         std::fs::write(keys.join("default"), format!("{}\n", "7a".repeat(32))).expect("keys");
-        let mut nodes = Vec::new();
-        for i in 0..opts.nodes {
+        for i in 0..cluster.opts.nodes {
             let name = format!("n{i}");
             let ip = loopback_ip(i);
-            proxy.add_party(&name, ip);
+            cluster.proxy.add_party(&name, ip);
             let listen = SocketAddr::new(ip, free_port(ip));
-            let address = proxy
+            let address = cluster
+                .proxy
                 .forward(&name, SocketAddr::new(ip, 0), listen)
                 .await
                 .expect("node proxy");
-            let data = dir.path().join(&name);
+            let data = cluster.dir.path().join(&name);
             std::fs::create_dir_all(&data).expect("data dir");
-            let mut mounted = false;
+            let config = cluster.dir.path().join(format!("{name}.yaml"));
+            cluster.nodes.push(Node {
+                name: name.clone(),
+                ip,
+                listen,
+                address,
+                data: data.clone(),
+                config: config.clone(),
+                child: None,
+                paused: false,
+                mounted: false,
+            });
+            let opts = &cluster.opts;
             if let Some((_, mib)) = opts.small_disk.iter().find(|(n, _)| *n == i) {
                 let status = Command::new("mount")
                     .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
@@ -188,9 +210,8 @@ impl TestCluster {
                     status.success(),
                     "the disk-full test mounts a small tmpfs for node {name}'s data; mount failed ({status}) — it needs root (CAP_SYS_ADMIN)"
                 );
-                mounted = true;
+                cluster.nodes[i].mounted = true;
             }
-            let config = dir.path().join(format!("{name}.yaml"));
             let yaml = format!(
                 "node: {{ name: {name}, colo: c{i}, region: test }}
 listen: {listen}
@@ -211,30 +232,11 @@ cluster:
                 replicas = opts.replicas,
                 quorum = opts.write_quorum,
                 storage = opts.storage_yaml,
+                control_url = cluster.control_url,
                 lease = opts.lease.as_millis(),
             );
             std::fs::write(&config, yaml).expect("write config");
-            nodes.push(Node {
-                name,
-                ip,
-                listen,
-                address,
-                data,
-                config,
-                child: None,
-                paused: false,
-                mounted,
-            });
         }
-        let mut cluster = TestCluster {
-            proxy,
-            nodes,
-            control_url,
-            control,
-            client: client(),
-            opts,
-            dir,
-        };
         for i in 0..cluster.nodes.len() {
             cluster.start_node(i);
         }
@@ -349,26 +351,67 @@ cluster:
     pub async fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let mut all = true;
+            let mut answers = Vec::new();
             for (i, n) in self.nodes.iter().enumerate() {
                 if n.child.is_none() || n.paused {
                     continue;
                 }
-                let ok = match self.client.get(self.url(i, "/readyz")).send().await {
-                    Ok(r) => r.status().is_success(),
-                    Err(_) => false,
+                let answer = match self.client.get(self.url(i, "/readyz")).send().await {
+                    Ok(r) if r.status().is_success() => None,
+                    Ok(r) => Some(format!(
+                        "{}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => Some(e.to_string()),
                 };
-                all &= ok;
+                if let Some(answer) = answer {
+                    answers.push(format!("{}: {answer}", n.name));
+                }
             }
-            if all {
+            if answers.is_empty() {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "the cluster did not become ready"
+                "the cluster did not become ready within {within:?}; not ready: {answers:#?}\n{}",
+                self.diagnosis()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// What a failed wait prints: the test process's open descriptors and proxied connections
+    /// (to tell a leak from a slow node), and from each node's log its last warnings and errors
+    /// and its last lines.
+    pub fn diagnosis(&self) -> String {
+        let descriptors = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+        let mut out = format!(
+            "test process: {descriptors} open file descriptors, {} connections through the proxy\n",
+            self.proxy.active_connections()
+        );
+        let last = |lines: &[&str], n: usize| lines[lines.len().saturating_sub(n)..].join("\n");
+        for n in &self.nodes {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", n.name)))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let warnings: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .collect();
+            out.push_str(&format!(
+                "--- {} (running: {}, paused: {}), {} log lines, {} warnings or errors; the last of these:\n{}\n--- and its last lines:\n{}\n",
+                n.name,
+                n.child.is_some(),
+                n.paused,
+                lines.len(),
+                warnings.len(),
+                last(&warnings, 10),
+                last(&lines, 3),
+            ));
+        }
+        out
     }
 
     /// The ID of a named object.
