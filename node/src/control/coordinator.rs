@@ -542,68 +542,77 @@ impl Coordinator {
         let this = self.clone();
         let map = map.clone();
         tokio::spawn(async move {
-            // Held until the batch is published (or dropped).
-            let _in_flight = in_flight;
-            let done: Vec<(String, u32, SlotReplicas, SlotReplicas)> = futures::stream::iter(
-                moves,
-            )
-            .map(|(colo, slot, cur, to)| {
-                let (this, map) = (&this, &map);
-                async move {
-                    let address = map
-                        .nodes
-                        .get(&cur.owner)
-                        .map(|n| n.address.clone())
-                        .unwrap_or_default();
-                    let epoch = cur.epoch + 1;
-                    match this.admin.handoff(&address, &colo, slot, &to, epoch).await {
-                        Ok(_) => {
-                            let next = handed_to(&cur, &to);
-                            Some((colo, slot, cur, next))
-                        }
-                        Err(e) => {
-                            // Unless the owner said it did not fence itself (it timed out, or
-                            // the slot stopped draining), it may have fenced itself at `epoch`
-                            // though its answer did not arrive: that epoch must be published.
-                            if unfenced_answer(&e).is_none() {
-                                this.note_fencing(&colo, slot, epoch);
+            // Frees each slot as its hand-off ends, and the rest when the batch ends (or drops).
+            let mut in_flight = in_flight;
+            let mut ended = futures::stream::iter(moves)
+                .map(|(colo, slot, cur, to)| {
+                    let (this, map) = (&this, &map);
+                    async move {
+                        let address = map
+                            .nodes
+                            .get(&cur.owner)
+                            .map(|n| n.address.clone())
+                            .unwrap_or_default();
+                        let epoch = cur.epoch + 1;
+                        match this.admin.handoff(&address, &colo, slot, &to, epoch).await {
+                            Ok(_) => {
+                                let next = handed_to(&cur, &to);
+                                (colo, slot, Some((cur, next)))
                             }
-                            tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
-                            None
+                            Err(e) => {
+                                // Unless the owner said it did not fence itself (it timed out,
+                                // or the slot stopped draining), it may have fenced itself at
+                                // `epoch` though its answer did not arrive: that epoch must be
+                                // published.
+                                if unfenced_answer(&e).is_none() {
+                                    this.note_fencing(&colo, slot, epoch);
+                                }
+                                tracing::debug!(colo, slot, to, error = %e, "hand-back not done yet");
+                                (colo, slot, None)
+                            }
                         }
                     }
-                }
-            })
-            .buffer_unordered(16)
-            .filter_map(|x| async { x })
-            .collect()
-            .await;
-            let mut st = this.lock();
-            let mut next = (*st.map).clone();
-            let mut moved = 0u64;
-            for (colo, slot, before, after) in &done {
-                if let Some(s) = next
-                    .colos
-                    .get_mut(colo)
-                    .and_then(|c: &mut ColoSlots| c.slots.get_mut(*slot as usize))
-                {
-                    // Only onto the replica set the hand-off started from: had the slot failed
-                    // over meanwhile, its new owner holds this epoch, and publishing the target
-                    // too would give the epoch two owners.
-                    if s.owner == before.owner && s.epoch == before.epoch {
-                        *s = after.clone();
-                        moved += 1;
+                })
+                .buffer_unordered(16)
+                // The hand-offs that ended together, published together.
+                .ready_chunks(64);
+            // Each slot is published as soon as its own hand-off ends: its owner has fenced
+            // itself, and the slot takes no writes until its target is published as owner, so
+            // it must not wait for the batch's slowest hand-off (up to the owner's timeout).
+            while let Some(chunk) = ended.next().await {
+                let mut st = this.lock();
+                let mut next = (*st.map).clone();
+                let mut moved = 0u64;
+                for (colo, slot, outcome) in &chunk {
+                    let key = (colo.clone(), *slot);
+                    st.handing_off.remove(&key);
+                    in_flight.slots.retain(|k| *k != key);
+                    let Some((before, after)) = outcome else {
+                        continue;
+                    };
+                    if let Some(s) = next
+                        .colos
+                        .get_mut(colo)
+                        .and_then(|c: &mut ColoSlots| c.slots.get_mut(*slot as usize))
+                    {
+                        // Only onto the replica set the hand-off started from: had the slot
+                        // failed over meanwhile, its new owner holds this epoch, and publishing
+                        // the target too would give the epoch two owners.
+                        if s.owner == before.owner && s.epoch == before.epoch {
+                            *s = after.clone();
+                            moved += 1;
+                        }
                     }
+                    st.fenced.remove(&key);
                 }
-                st.fenced.remove(&(colo.clone(), *slot));
+                if moved == 0 {
+                    continue;
+                }
+                this.handoffs
+                    .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(slots = moved, "handed slots back to their home colo");
+                this.publish(&mut st, next);
             }
-            if moved == 0 {
-                return;
-            }
-            this.handoffs
-                .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(slots = moved, "handed slots back to their home colo");
-            this.publish(&mut st, next);
         });
     }
 
@@ -848,6 +857,29 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         false
+    }
+
+    /// The slots that balancing would hand back to `to` now, as the control loop computes them.
+    fn hand_backs_to(c: &Coordinator, all: &[&str], to: &str) -> Vec<(String, u32)> {
+        let map = c.placement();
+        let nodes: Vec<NodeInfo> = all.iter().map(|n| node(n)).collect();
+        let mut moves = Vec::new();
+        for (colo, slots) in &map.colos {
+            let target = assign_slots(&AssignInput {
+                colo,
+                slot_count: map.slot_count,
+                replicas: map.replicas,
+                nodes: &nodes,
+                previous: Some(slots),
+            })
+            .expect("assignment");
+            for (i, (cur, tgt)) in slots.slots.iter().zip(&target.slots.slots).enumerate() {
+                if tgt.owner == to && cur.owner != to && cur.followers.iter().any(|f| f == to) {
+                    moves.push((colo.clone(), i as u32));
+                }
+            }
+        }
+        moves
     }
 
     /// Beats for `nodes` until each owns slots (the initial placement).
@@ -1187,31 +1219,7 @@ mod tests {
         let homes_of_c = owned_by(&c, "c");
         // c goes silent and its slots fail over; then it comes back, and follows slots again.
         assert!(beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await);
-        // The slots that balancing would hand back to c now, as the control loop computes them.
-        let hand_backs = |c: &Coordinator| -> Vec<(String, u32)> {
-            let map = c.placement();
-            let nodes = all.map(node);
-            let mut moves = Vec::new();
-            for (colo, slots) in &map.colos {
-                let target = assign_slots(&AssignInput {
-                    colo,
-                    slot_count: map.slot_count,
-                    replicas: map.replicas,
-                    nodes: &nodes,
-                    previous: Some(slots),
-                })
-                .expect("assignment");
-                for (i, (cur, tgt)) in slots.slots.iter().zip(&target.slots.slots).enumerate() {
-                    if tgt.owner == "c"
-                        && cur.owner != "c"
-                        && cur.followers.iter().any(|f| f == "c")
-                    {
-                        moves.push((colo.clone(), i as u32));
-                    }
-                }
-            }
-            moves
-        };
+        let hand_backs = |c: &Coordinator| hand_backs_to(c, &all, "c");
         assert!(
             beat_until(&c, &all, Duration::from_secs(1), |c| hand_backs(c).len()
                 >= 2)
@@ -1280,5 +1288,81 @@ mod tests {
             "and none of them moved that slot again"
         );
         assert_eq!(c.placement().replicas_of(&colo, slot), Some(&published));
+    }
+
+    /// A hand-back batch publishes each slot as soon as its own hand-off ends: the owner has
+    /// fenced itself, and the slot takes no writes until its target is published, so it must
+    /// not wait for the batch's slowest hand-off. A slot is free for an explicit hand-off as soon
+    /// as its own hand-back ended, while the batch runs on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_back_batch_publishes_each_slot_as_its_hand_off_ends() {
+        let lease = Duration::from_secs(1);
+        let admin = Arc::new(HandoffsWait::default());
+        let c = coordinator(lease, admin.clone());
+        let all = ["a", "b", "c"];
+        wait_all_own_slots(&c, &all).await;
+        let homes_of_c = owned_by(&c, "c");
+        // c goes silent and its slots fail over; then it comes back.
+        assert!(beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await);
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(1), |c| hand_backs_to(
+                c, &all, "c"
+            )
+            .len()
+                >= 2)
+            .await,
+            "balancing would hand slots back to c"
+        );
+        let moves = hand_backs_to(&c, &all, "c");
+        // The hand-back of one slot waits for its owner; the others end at once.
+        let (held_colo, held) = moves[0].clone();
+        *admin.held_slot.lock().expect("held slot") = Some(held);
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(5), |c| owned_by(c, "c")
+                == homes_of_c - 1)
+            .await,
+            "the slots whose hand-backs ended are published while one still runs: c owns {} of {}",
+            owned_by(&c, "c"),
+            homes_of_c - 1
+        );
+        assert_eq!(admin.calls_for(held), 1, "the held hand-back started");
+        assert_ne!(
+            c.placement()
+                .replicas_of(&held_colo, held)
+                .map(|r| r.owner.clone()),
+            Some("c".to_string()),
+            "the held slot is not published before its hand-off ends"
+        );
+        // While the batch runs, a slot whose hand-back ended takes an explicit hand-off; the
+        // held one does not.
+        let (colo, done) = moves[1].clone();
+        let away = c
+            .placement()
+            .replicas_of(&colo, done)
+            .and_then(|r| r.followers.first().cloned())
+            .expect("a follower");
+        let moved = tokio::time::timeout(Duration::from_secs(1), c.handoff(&colo, done, &away))
+            .await
+            .expect("answered at once")
+            .expect("an explicit hand-off of a slot whose hand-back ended");
+        assert_eq!(moved.owner, away);
+        let busy = tokio::time::timeout(Duration::from_secs(1), c.handoff(&held_colo, held, "c"))
+            .await
+            .expect("answered at once")
+            .expect_err("the held slot is still being handed back");
+        assert_eq!((busy.status, busy.code), (409, "handoff_in_progress"));
+        // The held hand-back ends, and that slot is published too.
+        admin
+            .released
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(5), |c| c
+                .placement()
+                .replicas_of(&held_colo, held)
+                .is_some_and(|r| r.owner == "c"))
+            .await,
+            "the held slot is published once its hand-off ends"
+        );
+        assert_eq!(admin.calls_for(held), 1);
     }
 }
