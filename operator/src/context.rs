@@ -103,11 +103,18 @@ impl RegionState {
         lock(&self.handoffs).done.extend(done);
     }
 
-    pub(crate) fn end(&self, batch: &[PlannedHandoff]) {
+    /// Frees the slots of hand-offs that ended (and were published, if done) while their batch
+    /// runs on.
+    pub(crate) fn release(&self, ended: &[PlannedHandoff]) {
         let mut h = lock(&self.handoffs);
-        for x in batch {
+        for x in ended {
             h.in_flight.remove(&(x.colo.clone(), x.slot));
         }
+    }
+
+    /// Ends a batch: frees the slots it has not released yet (`rest`).
+    pub(crate) fn end(&self, rest: &[PlannedHandoff]) {
+        self.release(rest);
         self.running.send_modify(|n| *n = n.saturating_sub(1));
     }
 

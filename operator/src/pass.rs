@@ -445,7 +445,9 @@ async fn fetch_progress(
 }
 
 /// Runs `handoffs` (owner's address with each) in the background, at most
-/// `max_concurrent_handoffs` at once, then publishes those that succeeded. A hand-off that
+/// `max_concurrent_handoffs` at once, and publishes each that succeeded as soon as it ends
+/// (with any that ended with it): its owner has fenced itself, so the slot takes no writes until
+/// its target is published, and must not wait for the batch's slowest hand-off. A hand-off that
 /// timed out (`handoff_timeout`), was interrupted (`handoff_interrupted`) or failed is planned
 /// again by a later pass if still wanted.
 fn start_handoffs(
@@ -459,13 +461,13 @@ fn start_handoffs(
     if handoffs.is_empty() {
         return;
     }
-    let batch: Vec<PlannedHandoff> = handoffs.iter().map(|(h, _)| h.clone()).collect();
-    state.begin(&batch);
+    let mut rest: Vec<PlannedHandoff> = handoffs.iter().map(|(h, _)| h.clone()).collect();
+    state.begin(&rest);
     let (ctx, state, admin) = (ctx.clone(), state.clone(), admin.clone());
     let (ns, region_name) = (ns.to_string(), region_name.to_string());
     tokio::spawn(async move {
         let limit = ctx.settings.max_concurrent_handoffs.max(1);
-        let run = futures::stream::iter(handoffs)
+        let mut ended = futures::stream::iter(handoffs)
             .map(|(h, address)| {
                 let admin = admin.clone();
                 async move {
@@ -476,10 +478,13 @@ fn start_handoffs(
                 }
             })
             .buffer_unordered(limit)
-            .collect::<Vec<_>>();
-        let mut done = Vec::new();
-        if let Ok(results) = ctx.leadership.run(run).await {
+            // The hand-offs that ended together, published together.
+            .ready_chunks(limit);
+        while let Ok(Some(results)) = ctx.leadership.run(ended.next()).await {
+            let mut done = Vec::new();
+            let mut finished = Vec::new();
             for (h, r) in results {
+                finished.push(h.clone());
                 match r {
                     Ok(_) => {
                         ctx.metrics.handoff("done");
@@ -505,14 +510,21 @@ fn start_handoffs(
                     },
                 }
             }
-        }
-        if !done.is_empty() {
-            state.completed(done);
-            if let Err(e) = publish_handoffs(&ctx, &state, &ns, &region_name).await {
-                tracing::warn!(error = %e, region = %region_name, "cannot publish completed hand-offs yet; the next pass will");
+            if !done.is_empty() {
+                state.completed(done);
+                if let Err(e) = publish_handoffs(&ctx, &state, &ns, &region_name).await {
+                    tracing::warn!(error = %e, region = %region_name, "cannot publish completed hand-offs yet; the next pass will");
+                }
             }
+            // Published (or kept to publish): a later pass may plan these slots again.
+            state.release(&finished);
+            rest.retain(|h| {
+                !finished
+                    .iter()
+                    .any(|f| f.colo == h.colo && f.slot == h.slot)
+            });
         }
-        state.end(&batch);
+        state.end(&rest);
     });
 }
 

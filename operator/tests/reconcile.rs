@@ -927,6 +927,103 @@ async fn hand_offs_the_owner_did_not_fence_are_retried(answer: &str, outcome: &s
     within(server).await.expect("server");
 }
 
+/// How many slots have another owner in `after` than in `before`.
+fn owners_changed(before: &PlacementMap, after: &PlacementMap) -> usize {
+    before
+        .colos
+        .iter()
+        .map(|(colo, slots)| {
+            slots
+                .slots
+                .iter()
+                .zip(&after.colos[colo].slots)
+                .filter(|(b, a)| b.owner != a.owner)
+                .count()
+        })
+        .sum()
+}
+
+/// Two hand-offs run; the owner of the first holds it. The other is published as soon as it
+/// ends — its slot takes no writes until then — and the held one once it ends too; each is a
+/// replace of the map as read, moving one slot.
+#[tokio::test]
+async fn each_hand_off_is_published_as_soon_as_it_ends() {
+    let before = initial_map();
+    let published: Published = Arc::new(Mutex::new(Some(before.clone())));
+    let admin = admin_of(&["ams-0", "ams-1", "ams-2"], Lsn::new(1, 10));
+    admin.apply(&before);
+    admin
+        .hold_next_handoff
+        .store(true, std::sync::atomic::Ordering::Release);
+    let colos = vec![colo("ams", "eu", 2, 6)];
+    let ons = vec![served_namespace("chat", 3, 2)];
+    let all = ["ams-0", "ams-1", "ams-2"];
+    let one_more_owner = |b: &PlacementMap, m: &PlacementMap| {
+        assert_eq!(owners_changed(b, m), 1, "one hand-off per publication");
+    };
+    let steps = vec![
+        get_placement(&published),
+        renewing(&all, 0),
+        get_placement(&published),
+        renewing(&all, 5),
+        // The pass's own publication, after which it starts the hand-offs.
+        publish(&published, &admin, |_, _| {}),
+        // The hand-off not held, published at once.
+        get_placement(&published),
+        publish(&published, &admin, one_more_owner),
+        // The held one, once it ends.
+        get_placement(&published),
+        publish(&published, &admin, one_more_owner),
+    ];
+    let (client, server) = mock_client(steps);
+    let clock = Arc::new(Mutex::new(t(0)));
+    let ctx = ctx(client, admin.clone(), clock.clone());
+    within(pass_of(&ctx, &admin, &colos, &ons))
+        .await
+        .expect("pass 1");
+    *clock.lock().expect("clock") = t(5);
+    let o = within(pass_of(&ctx, &admin, &colos, &ons))
+        .await
+        .expect("pass 2");
+    assert_eq!(o.handoffs_started, 2);
+    let version = |p: &Published| p.lock().expect("lock").as_ref().map_or(0, |m| m.version);
+    let started_at = version(&published);
+    within(async {
+        while version(&published) == started_at {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let held = admin
+        .calls()
+        .into_iter()
+        .find(|c| c.starts_with("handoff"))
+        .expect("the held hand-off was asked for");
+    assert_eq!(
+        version(&published),
+        started_at + 1,
+        "only the hand-off that ended is published while {held} waits"
+    );
+    admin
+        .handoff_released
+        .store(true, std::sync::atomic::Ordering::Release);
+    within(ctx.region("colony", "eu").settled()).await;
+    assert_eq!(version(&published), started_at + 2);
+    assert_eq!(
+        owners_changed(
+            &before,
+            published.lock().expect("lock").as_ref().expect("map")
+        ),
+        2
+    );
+    let metrics = ctx.metrics.encode().expect("metrics");
+    assert!(
+        metrics.contains("colony_operator_handoffs_total{outcome=\"done\"} 2"),
+        "{metrics}"
+    );
+    within(server).await.expect("server");
+}
+
 #[tokio::test]
 async fn the_lease_of_a_node_scaled_away_is_deleted_once_stale_and_unreferenced() {
     let published: Published = Arc::new(Mutex::new(Some(initial_map())));

@@ -278,6 +278,9 @@ pub struct FakeAdmin {
     pub applied: Mutex<Option<PlacementMap>>,
     /// Answer every hand-off with this error.
     pub handoff_error: Mutex<Option<String>>,
+    /// When set, the next hand-off asked for waits (clearing it) until `handoff_released`.
+    pub hold_next_handoff: std::sync::atomic::AtomicBool,
+    pub handoff_released: std::sync::atomic::AtomicBool,
     pub calls: Mutex<Vec<String>>,
 }
 
@@ -343,7 +346,19 @@ impl NodeAdmin for FakeAdmin {
                 .answer(&node, colo, slot)
                 .ok_or_else(|| format!("{address}: connection refused")),
         };
-        Box::pin(async move { r })
+        let held = self
+            .hold_next_handoff
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        Box::pin(async move {
+            while held
+                && !self
+                    .handoff_released
+                    .load(std::sync::atomic::Ordering::Acquire)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            r
+        })
     }
     fn status<'a>(
         &'a self,
