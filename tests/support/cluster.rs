@@ -385,7 +385,9 @@ cluster:
     /// (to tell a leak from a slow node), and from each node's log its last warnings and errors
     /// and its last lines.
     pub fn diagnosis(&self) -> String {
-        let descriptors = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+        // Reading may fail for want of descriptors, the very thing this looks for: say so.
+        let descriptors = std::fs::read_dir("/proc/self/fd")
+            .map_or_else(|e| format!("? ({e})"), |d| d.count().to_string());
         let mut out = format!(
             "test process: {descriptors} open file descriptors, {} connections through the proxy\n",
             self.proxy.active_connections()
@@ -393,7 +395,7 @@ cluster:
         let last = |lines: &[&str], n: usize| lines[lines.len().saturating_sub(n)..].join("\n");
         for n in &self.nodes {
             let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", n.name)))
-                .unwrap_or_default();
+                .unwrap_or_else(|e| format!("(its log cannot be read: {e})"));
             let lines: Vec<&str> = log.lines().collect();
             let warnings: Vec<&str> = lines
                 .iter()

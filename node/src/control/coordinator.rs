@@ -1314,6 +1314,11 @@ mod tests {
             "balancing would hand slots back to c"
         );
         let moves = hand_backs_to(&c, &all, "c");
+        assert_eq!(
+            admin.tried.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "no hand-back started yet: c has not settled"
+        );
         // The hand-back of one slot waits for its owner; the others end at once.
         let (held_colo, held) = moves[0].clone();
         *admin.held_slot.lock().expect("held slot") = Some(held);
