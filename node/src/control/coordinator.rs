@@ -882,6 +882,35 @@ mod tests {
         moves
     }
 
+    /// Nodes a, b and c own their slots; c goes silent until its slots failed over, then beats
+    /// again until balancing would hand at least two of them back — before c has settled, so no
+    /// hand-back has started. The coordinator (1 s leases), its admin, and how many slots c
+    /// owned at first.
+    async fn c_back_after_its_slots_failed_over() -> (Arc<Coordinator>, Arc<HandoffsWait>, usize) {
+        let lease = Duration::from_secs(1);
+        let admin = Arc::new(HandoffsWait::default());
+        let c = coordinator(lease, admin.clone());
+        let all = ["a", "b", "c"];
+        wait_all_own_slots(&c, &all).await;
+        let homes_of_c = owned_by(&c, "c");
+        assert!(beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await);
+        assert!(
+            beat_until(&c, &all, Duration::from_secs(1), |c| hand_backs_to(
+                c, &all, "c"
+            )
+            .len()
+                >= 2)
+            .await,
+            "balancing would hand slots back to c"
+        );
+        assert_eq!(
+            admin.tried.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "no hand-back started yet: c has not settled"
+        );
+        (c, admin, homes_of_c)
+    }
+
     /// Beats for `nodes` until each owns slots (the initial placement).
     async fn wait_all_own_slots(c: &Coordinator, nodes: &[&str]) {
         assert!(
@@ -1211,27 +1240,9 @@ mod tests {
     /// the owner back to serving while the other fenced it.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slot_being_handed_off_gets_no_second_hand_off_nor_a_hand_back() {
-        let lease = Duration::from_secs(1);
-        let admin = Arc::new(HandoffsWait::default());
-        let c = coordinator(lease, admin.clone());
         let all = ["a", "b", "c"];
-        wait_all_own_slots(&c, &all).await;
-        let homes_of_c = owned_by(&c, "c");
-        // c goes silent and its slots fail over; then it comes back, and follows slots again.
-        assert!(beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await);
-        let hand_backs = |c: &Coordinator| hand_backs_to(c, &all, "c");
-        assert!(
-            beat_until(&c, &all, Duration::from_secs(1), |c| hand_backs(c).len()
-                >= 2)
-            .await,
-            "balancing would hand slots back to c"
-        );
-        let (colo, slot) = hand_backs(&c)[0].clone();
-        assert_eq!(
-            admin.tried.load(std::sync::atomic::Ordering::Relaxed),
-            0,
-            "no hand-back started yet: c has not settled"
-        );
+        let (c, admin, homes_of_c) = c_back_after_its_slots_failed_over().await;
+        let (colo, slot) = hand_backs_to(&c, &all, "c")[0].clone();
 
         // An explicit hand-off of one of them to c, which waits for the owner; hand-offs of
         // other slots finish at once.
@@ -1296,29 +1307,9 @@ mod tests {
     /// as its own hand-back ended, while the batch runs on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hand_back_batch_publishes_each_slot_as_its_hand_off_ends() {
-        let lease = Duration::from_secs(1);
-        let admin = Arc::new(HandoffsWait::default());
-        let c = coordinator(lease, admin.clone());
         let all = ["a", "b", "c"];
-        wait_all_own_slots(&c, &all).await;
-        let homes_of_c = owned_by(&c, "c");
-        // c goes silent and its slots fail over; then it comes back.
-        assert!(beat_until(&c, &["a", "b"], lease * 4, |c| owned_by(c, "c") == 0).await);
-        assert!(
-            beat_until(&c, &all, Duration::from_secs(1), |c| hand_backs_to(
-                c, &all, "c"
-            )
-            .len()
-                >= 2)
-            .await,
-            "balancing would hand slots back to c"
-        );
+        let (c, admin, homes_of_c) = c_back_after_its_slots_failed_over().await;
         let moves = hand_backs_to(&c, &all, "c");
-        assert_eq!(
-            admin.tried.load(std::sync::atomic::Ordering::Relaxed),
-            0,
-            "no hand-back started yet: c has not settled"
-        );
         // The hand-back of one slot waits for its owner; the others end at once.
         let (held_colo, held) = moves[0].clone();
         *admin.held_slot.lock().expect("held slot") = Some(held);
