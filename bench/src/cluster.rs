@@ -94,7 +94,8 @@ async fn wait_ready(c: &ColonyCluster) -> Result<(), String> {
 }
 
 /// Waits until the control plane reports every node healthy and nothing left to hand back, so a
-/// failover trial starts from the balanced placement (not in the middle of a hand-back).
+/// measurement or a failover trial starts from the balanced placement (not in the middle of a
+/// hand-back).
 async fn wait_balanced(c: &ColonyCluster) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -346,6 +347,9 @@ async fn replication_cost(opts: &Options) -> Result<(), String> {
     let single = systems::start_colony(&opts.node, "")?;
     let cluster = ColonyCluster::start(&opts.node, 5, 5, 3, Duration::from_secs(10))?;
     wait_ready(&cluster).await?;
+    // Measured from the settled placement: a hand-back under way would move owners (and the
+    // requests sent to them) in the middle of a workload, and take CPU from both phases.
+    wait_balanced(&cluster).await?;
     let s = Deployment::Single(&single);
     let c = Deployment::Cluster(&cluster);
     for w in REPLICATION {
@@ -396,6 +400,8 @@ async fn versus_etcd(opts: &Options) -> Result<(), String> {
     let five = ColonyCluster::start(&opts.node, 5, 5, 3, Duration::from_secs(10))?;
     wait_ready(&three).await?;
     wait_ready(&five).await?;
+    wait_balanced(&three).await?;
+    wait_balanced(&five).await?;
     for w in VERSUS_ETCD {
         let Work::Put(len) = w.work else { continue };
         let etcd_targets = etcd::put_targets(leader, &format!("k{len}-"), w.objects as u64, len);
