@@ -126,6 +126,30 @@ impl PlacementMap {
         self.nodes.get(name)
     }
 
+    /// Sets `colo`'s `slot` to `next`, a hand-off's outcome, only if the slot still has the owner
+    /// and epoch of `from`, where the hand-off started: had it failed over meanwhile, its new
+    /// owner holds that epoch already, and publishing `next` too would give the epoch two
+    /// owners. Whether it did.
+    pub fn replace_if_unchanged(
+        &mut self,
+        colo: &str,
+        slot: u32,
+        from: &SlotReplicas,
+        next: SlotReplicas,
+    ) -> bool {
+        match self
+            .colos
+            .get_mut(colo)
+            .and_then(|c| c.slots.get_mut(slot as usize))
+        {
+            Some(s) if s.owner == from.owner && s.epoch == from.epoch => {
+                *s = next;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Number of slots (over all colos) that `node` owns.
     pub fn owned_by(&self, node: &str) -> usize {
         self.colos

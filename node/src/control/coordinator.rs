@@ -11,7 +11,7 @@ use super::admin_client::{NodeAdmin, unfenced_answer};
 use crate::error::ApiError;
 use crate::lsn::Lsn;
 use crate::placement::{
-    AssignInput, ColoSlots, FollowerReport, NodeInfo, PlacementMap, SlotReplicas, assign_slots,
+    AssignInput, FollowerReport, NodeInfo, PlacementMap, SlotReplicas, assign_slots,
     choose_failover,
 };
 use futures::StreamExt;
@@ -583,25 +583,14 @@ impl Coordinator {
                 let mut st = this.lock();
                 let mut next = (*st.map).clone();
                 let mut moved = 0u64;
-                for (colo, slot, outcome) in &chunk {
-                    let key = (colo.clone(), *slot);
-                    st.handing_off.remove(&key);
-                    in_flight.slots.retain(|k| *k != key);
+                for (colo, slot, outcome) in chunk {
+                    let key = (colo, slot);
+                    in_flight.release(&mut st, &key);
                     let Some((before, after)) = outcome else {
                         continue;
                     };
-                    if let Some(s) = next
-                        .colos
-                        .get_mut(colo)
-                        .and_then(|c: &mut ColoSlots| c.slots.get_mut(*slot as usize))
-                    {
-                        // Only onto the replica set the hand-off started from: had the slot
-                        // failed over meanwhile, its new owner holds this epoch, and publishing
-                        // the target too would give the epoch two owners.
-                        if s.owner == before.owner && s.epoch == before.epoch {
-                            *s = after.clone();
-                            moved += 1;
-                        }
+                    if next.replace_if_unchanged(&key.0, key.1, &before, after) {
+                        moved += 1;
                     }
                     st.fenced.remove(&key);
                 }
@@ -639,17 +628,9 @@ impl Coordinator {
     ) -> bool {
         let mut st = self.lock();
         let mut next = (*st.map).clone();
-        let Some(s) = next
-            .colos
-            .get_mut(colo)
-            .and_then(|c| c.slots.get_mut(slot as usize))
-        else {
-            return false;
-        };
-        if s.owner != from.owner || s.epoch != from.epoch {
+        if !next.replace_if_unchanged(colo, slot, from, replicas) {
             return false;
         }
-        *s = replicas;
         st.pinned.insert((colo.to_string(), slot));
         st.fenced.remove(&(colo.to_string(), slot));
         self.handoffs
@@ -707,6 +688,15 @@ pub struct HandoffsInFlight<C: std::ops::Deref<Target = Coordinator>> {
     coordinator: C,
     slots: Vec<(String, u32)>,
     batch: bool,
+}
+
+impl<C: std::ops::Deref<Target = Coordinator>> HandoffsInFlight<C> {
+    /// Frees one slot now, under the coordinator's lock (`st`), and forgets it: dropping this
+    /// later must not free it again, since another hand-off may have marked it by then.
+    fn release(&mut self, st: &mut State, key: &(String, u32)) {
+        st.handing_off.remove(key);
+        self.slots.retain(|k| k != key);
+    }
 }
 
 impl<C: std::ops::Deref<Target = Coordinator>> Drop for HandoffsInFlight<C> {

@@ -511,3 +511,34 @@ fn learners_and_leaving_members_survive_the_wire_form() {
             .is_some_and(|r| r.has("c1-n1") && r.len() == 3)
     );
 }
+
+#[test]
+fn a_hand_off_is_applied_only_onto_the_owner_and_epoch_it_started_from() {
+    let mut map = PlacementMap {
+        region: "r".into(),
+        version: 1,
+        slot_count: 1,
+        replicas: 3,
+        nodes: BTreeMap::new(),
+        colos: BTreeMap::from([(
+            "c0".to_string(),
+            ColoSlots {
+                slots: vec![SlotReplicas::new(4, "a", &["b", "c"])],
+            },
+        )]),
+    };
+    let from = SlotReplicas::new(4, "a", &["b", "c"]);
+    let handed = promote(&from, "b");
+    // Failed over meanwhile: same epoch bump, another owner. Not applied.
+    let failed_over = SlotReplicas::new(5, "c", &["a", "b"]);
+    map.colos.get_mut("c0").expect("colo").slots[0] = failed_over.clone();
+    assert!(!map.replace_if_unchanged("c0", 0, &from, handed.clone()));
+    assert_eq!(map.replicas_of("c0", 0), Some(&failed_over));
+    // An unknown colo or slot: nothing.
+    assert!(!map.replace_if_unchanged("c9", 0, &from, handed.clone()));
+    assert!(!map.replace_if_unchanged("c0", 7, &from, handed.clone()));
+    // Still as it started: applied.
+    map.colos.get_mut("c0").expect("colo").slots[0] = from.clone();
+    assert!(map.replace_if_unchanged("c0", 0, &from, handed.clone()));
+    assert_eq!(map.replicas_of("c0", 0), Some(&handed));
+}
