@@ -262,9 +262,21 @@ impl Worker {
         if self.sync_failures.is_marked(&entry.object()) {
             self.repair(&entry.object(), log_lsn, floor);
         }
-        if floor.is_none_or(|f| entry.lsn() > f) {
-            self.retrying(|w| w.apply(entry, log_lsn));
+        match floor {
+            Some(f) if entry.lsn() <= f => self.mark_covered(entry.object(), log_lsn, f),
+            _ => self.retrying(|w| w.apply(entry, log_lsn)),
         }
+    }
+
+    /// Notes an entry the installed snapshot file already holds (up to slot position `floor`) for
+    /// the next write-out's marker. The snapshot's own marker comes before this entry's record in
+    /// the log, and the node log retires its oldest segment first: without a marker past the
+    /// record, an object that took no later entry would keep that segment, and every newer one,
+    /// until a restart or a promotion.
+    fn mark_covered(&mut self, object: ObjectKey, log_lsn: u64, floor: Lsn) {
+        let marker = self.dirty.entry(object).or_insert((log_lsn, floor));
+        marker.0 = marker.0.max(log_lsn);
+        marker.1 = marker.1.max(floor);
     }
 
     /// Rebuilds a followed object's file that failed to sync from the node log: every record of
@@ -457,7 +469,7 @@ fn write_entry(file: &File, view: &PageSetView<'_>) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::id::ObjectId;
-    use crate::storage::record::{PageSetBuilder, SlotPos};
+    use crate::storage::record::{PageSetBuilder, SlotPos, encode_checkpoint};
 
     const PAGE: u32 = 512;
 
@@ -611,6 +623,95 @@ mod tests {
         assert_eq!(held.bytes(), PAGE as usize);
     }
 
+    /// Logs `payload` as a follower logs a record, and returns its log position once durable.
+    fn log_record(log: &NodeLog, kind: RecordKind, object: ObjectKey, payload: &[u8]) -> u64 {
+        let (tx, rx) = mpsc::channel();
+        log.append(crate::storage::log::Append {
+            kind,
+            object,
+            fence: None,
+            payload: bytes::Bytes::copy_from_slice(payload),
+            done: Box::new(move |r| {
+                let _ = tx.send(r.expect("logged"));
+            }),
+        });
+        log.sync().expect("log sync");
+        rx.recv().expect("log position")
+    }
+
+    /// After a snapshot sync the stream may bring entries the installed file already holds (at
+    /// or below the object's floor). They are logged but not applied, and still need a marker:
+    /// the sync's own marker comes before them, and the log retires its oldest segment first, so
+    /// one such entry of an object that then went idle kept every later segment on disk.
+    #[test]
+    fn an_entry_under_a_snapshot_floor_gets_a_marker_and_its_log_segment_retires() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let log_dir = tmp.path().join("log");
+        let runner = crate::storage::log::start_for_test(&log_dir);
+        runner.log().shared().set_retire_limit(u64::MAX);
+        let objects = tmp.path().join("objects");
+        let mut worker = Worker::new(
+            objects.clone(),
+            Arc::new(HashMap::new()),
+            runner.log(),
+            log_dir.clone(),
+            Arc::new(PendingDirs::default()),
+            Arc::new(SyncFailures::default()),
+        )
+        .expect("worker");
+        // The installed snapshot: the object as of slot position 1.5, durable.
+        let skipped = entry(4, &[(1, 0x44)], 1);
+        let object = skipped.object();
+        let file = crate::object::db_path(&objects, &object);
+        std::fs::create_dir_all(file.parent().expect("dir")).expect("object dir");
+        let installed = vec![0x55u8; PAGE as usize];
+        std::fs::write(&file, &installed).expect("install");
+        let floor = Lsn::new(1, 5);
+
+        let log_lsn = log_record(&runner.log(), skipped.kind, object.clone(), skipped.bytes());
+        worker.take_entry(&skipped, log_lsn, Some(floor));
+        write_out_and_wait(&mut worker);
+        runner.log().sync().expect("log sync");
+        assert_eq!(
+            std::fs::read(&file).expect("read"),
+            installed,
+            "the entry is not applied over the newer file"
+        );
+        let markers = crate::storage::recovery::checkpoint_markers(&log_dir);
+        assert_eq!(
+            markers,
+            vec![Checkpoint {
+                object: object.clone(),
+                upto: log_lsn,
+                slot_lsn: floor,
+            }],
+            "one marker past the skipped record, at the file's slot position"
+        );
+
+        // Another object's record too big for the first segment, and its marker: nothing else
+        // holds the first segment back.
+        let other = ObjectKey::new(Arc::from("ns"), ObjectId::from_bytes([8; 32]));
+        let big = vec![0xa5u8; 80 << 10];
+        let big_lsn = log_record(&runner.log(), RecordKind::PageSet, other.clone(), &big);
+        let marker = encode_checkpoint(&Checkpoint {
+            object: other.clone(),
+            upto: big_lsn,
+            slot_lsn: Lsn::new(1, 9),
+        });
+        log_record(&runner.log(), RecordKind::Checkpoint, other, &marker);
+        let shared = runner.log().shared().clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while shared.live_segments() > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            shared.live_segments(),
+            1,
+            "older segments retired; held back by {:?}",
+            shared.blockers()
+        );
+    }
+
     /// A followed file whose sync failed (its pages may be lost while the cache shows them) is
     /// rebuilt from the node log when its next entry arrives, and then holds exactly what applying
     /// every entry in turn gives; its markers resume.
@@ -639,20 +740,7 @@ mod tests {
         // Logged as a follower logs them, at the log positions the applier is given.
         let log_lsns: Vec<u64> = entries
             .iter()
-            .map(|e| {
-                let (tx, rx) = mpsc::channel();
-                runner.log().append(crate::storage::log::Append {
-                    kind: e.kind,
-                    object: e.object(),
-                    fence: None,
-                    payload: bytes::Bytes::copy_from_slice(e.bytes()),
-                    done: Box::new(move |r| {
-                        let _ = tx.send(r.expect("logged"));
-                    }),
-                });
-                runner.log().sync().expect("log sync");
-                rx.recv().expect("log position")
-            })
+            .map(|e| log_record(&runner.log(), e.kind, e.object(), e.bytes()))
             .collect();
 
         for (e, lsn) in entries.iter().zip(&log_lsns).take(2) {
