@@ -62,7 +62,7 @@ pub fn load_or_generate(dir: &Path, namespace: &str) -> Result<IdKeys, KeysError
     let path = dir.join(namespace);
     if !path.exists() {
         let write = |path: &Path| -> std::io::Result<()> {
-            fs::create_dir_all(dir)?;
+            crate::storage::dirs::create_dir_all_durable(dir)?;
             let tmp = path.with_extension("tmp");
             let mut f = fs::File::create(&tmp)?;
             writeln!(

@@ -196,7 +196,8 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
     let data = config.data_dir.clone();
     let log_dir = data.join("log");
     let objects_dir = data.join("objects");
-    fs::create_dir_all(&objects_dir).map_err(storage_err(&objects_dir))?;
+    crate::storage::dirs::create_dir_all_durable(&objects_dir)
+        .map_err(storage_err(&objects_dir))?;
     let data_lock = lock_data_dir(&data)?;
 
     let mut namespaces = HashMap::new();

@@ -7,8 +7,9 @@
 //! 3. Fetch each object's database as of its last entry `L` and install it; an object that only
 //!    this node has is deleted. `L` may be newer than `P`: entries of that object up to `L` that
 //!    still arrive in the stream are skipped (the object's *floor*, journaled).
-//! 4. Make the files durable, journal the floors and the new position `P`, and resume: the owner
-//!    streams from `P`.
+//! 4. Make the files durable (each synced before it is renamed into place, then the directories
+//!    naming them), journal the floors and the new position `P`, and resume: the owner streams
+//!    from `P`.
 
 use super::Cluster;
 use crate::error::ApiError;
@@ -181,6 +182,8 @@ async fn run(
         )
         .await?;
     let objects_dir = cl.data_dir.join("objects");
+    // Directories whose entries the sync changes, synced before the floors are journaled.
+    let mut changed_dirs: HashSet<std::path::PathBuf> = HashSet::new();
     let mut floors: HashMap<ObjectKey, Lsn> = HashMap::new();
     let mut wanted: HashSet<ObjectKey> = HashSet::new();
     for o in &manifest.objects {
@@ -215,6 +218,7 @@ async fn run(
             .and_then(parse_lsn)
             .ok_or_else(|| format!("{url}: no {SNAPSHOT_LSN_HEADER} header"))?;
         let path = crate::object::db_path(&objects_dir, &object);
+        changed_dirs.extend(path.parent().map(Path::to_path_buf));
         let body = resp.body;
         let p = path.clone();
         tokio::task::spawn_blocking(move || install(&p, &body))
@@ -230,8 +234,9 @@ async fn run(
     // What only this node had is not the owner's history.
     for local in local_objects(cl, &objects_dir, key) {
         if !wanted.contains(&local) {
-            remove_database_files(&crate::object::db_path(&objects_dir, &local))
-                .map_err(|e| e.to_string())?;
+            let path = crate::object::db_path(&objects_dir, &local);
+            remove_database_files(&path).map_err(|e| e.to_string())?;
+            changed_dirs.extend(path.parent().map(Path::to_path_buf));
             if let Some(ns) = cl.namespaces.get(&*local.namespace) {
                 ns.mark_empty(&local.id);
             }
@@ -241,11 +246,11 @@ async fn run(
         lsn: Lsn::new(manifest.epoch, manifest.seq),
         chain: manifest.chain,
     };
-    let dir = objects_dir.clone();
-    tokio::task::spawn_blocking(move || crate::storage::segments::sync_filesystem(&dir))
+    let root = cl.data_dir.clone();
+    tokio::task::spawn_blocking(move || crate::storage::dirs::sync_dirs_up_to(changed_dirs, &root))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("syncfs: {e}"))?;
+        .map_err(|e| format!("cannot sync the synced objects' directories: {e}"))?;
     // Installed files are new and durable: an earlier failed sync of the old ones lost nothing
     // they still need.
     for object in floors.keys() {
@@ -282,13 +287,16 @@ async fn run(
     Ok(position)
 }
 
-/// Replaces a database file atomically and drops stale companions.
+/// Replaces a database file atomically, its content durable, and drops stale companions. The new
+/// name is durable once the caller syncs the directory.
 fn install(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::storage::dirs::create_dir_all_durable(dir)?;
     }
     let tmp = path.with_extension("sync");
-    std::fs::write(&tmp, bytes)?;
+    let mut file = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_data()?;
     std::fs::rename(&tmp, path)?;
     crate::storage::recovery::discard_wal(path)
 }

@@ -10,12 +10,69 @@
 //! directory sync then serves every object created in it meanwhile, off the request path, where
 //! SQLite's creation of a file had cost four fsyncs per new object.
 //!
-//! Files that exist when the node starts have durable names: recovery syncs the filesystem.
+//! Files that exist when the node starts have durable names: recovery syncs the directories of
+//! every file it replays into, up to the data directory ([`sync_dirs_up_to`]).
+//!
+//! Nothing here relies on `syncfs`: it syncs every filesystem on Linux, but not a FUSE one (the
+//! kernel passes it only to virtiofs), and it reports write-back errors less reliably than a
+//! sync of each file; PostgreSQL's default for the same job is a sync per file, too.
 
 use std::collections::BTreeSet;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+/// `mkdir -p` whose result survives a power cut: each directory created is synced into its
+/// parent (the one that existed included). Returns the directories whose entries it changed.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.exists() {
+        missing.push(d.to_path_buf());
+        match d.parent() {
+            Some(up) if !up.as_os_str().is_empty() => d = up,
+            _ => break,
+        }
+    }
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(dir)?;
+    // The parent of each new directory, the deepest first: a name is synced only after the
+    // directory it names exists.
+    let changed: Vec<PathBuf> = missing
+        .iter()
+        .filter_map(|m| m.parent().filter(|p| !p.as_os_str().is_empty()))
+        .map(Path::to_path_buf)
+        .collect();
+    for parent in &changed {
+        super::segments::sync_dir(parent)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
+    }
+    Ok(changed)
+}
+
+/// Syncs each of `dirs` and every directory between it and `root` (`root` included), each once:
+/// a name a previous run created and had not synced, at whatever depth, becomes durable.
+/// Directories outside `root` are synced alone.
+pub fn sync_dirs_up_to(dirs: impl IntoIterator<Item = PathBuf>, root: &Path) -> io::Result<()> {
+    let mut all = BTreeSet::new();
+    for dir in dirs {
+        let mut d = dir.as_path();
+        all.insert(d.to_path_buf());
+        while d != root && d.starts_with(root) {
+            let Some(up) = d.parent() else { break };
+            all.insert(up.to_path_buf());
+            d = up;
+        }
+    }
+    // Deepest first, as a crash between two syncs then leaves nothing named that is not there.
+    for dir in all.iter().rev() {
+        super::segments::sync_dir(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
 
 #[derive(Default)]
 pub struct PendingDirs {
@@ -65,6 +122,48 @@ impl PendingDirs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_durable_mkdir_syncs_the_parent_of_each_directory_it_creates() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let deep = root.path().join("a/b/c");
+        let changed = create_dir_all_durable(&deep).expect("mkdir -p");
+        assert!(deep.is_dir());
+        assert_eq!(
+            changed,
+            vec![
+                root.path().join("a/b"),
+                root.path().join("a"),
+                root.path().to_path_buf()
+            ]
+        );
+        assert_eq!(
+            create_dir_all_durable(&deep).expect("again"),
+            Vec::<PathBuf>::new(),
+            "nothing to create, nothing synced"
+        );
+        let file = root.path().join("f");
+        std::fs::write(&file, b"x").expect("file");
+        assert!(
+            create_dir_all_durable(&file.join("d")).is_err(),
+            "a file in the way is an error"
+        );
+    }
+
+    #[test]
+    fn syncing_up_to_a_root_syncs_every_directory_between_once() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (root.path().join("x/a"), root.path().join("x/b"));
+        std::fs::create_dir_all(&a).expect("mkdir");
+        std::fs::create_dir_all(&b).expect("mkdir");
+        sync_dirs_up_to([a.clone(), b, a], root.path()).expect("sync");
+        let gone = root.path().join("x/gone");
+        let err = sync_dirs_up_to([gone.clone()], root.path()).expect_err("missing directory");
+        assert!(
+            err.to_string().contains(&gone.display().to_string()),
+            "the error names the directory: {err}"
+        );
+    }
 
     #[test]
     fn pending_directories_are_synced_once_and_a_failure_keeps_them() {

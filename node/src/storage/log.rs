@@ -519,7 +519,7 @@ pub fn start(
     start_lsn: u64,
     metrics: LogMetrics,
 ) -> io::Result<LogRunner> {
-    fs::create_dir_all(dir)?;
+    super::dirs::create_dir_all_durable(dir)?;
     let spares = Arc::new(Spares {
         dir: dir.to_path_buf(),
         segment_bytes,

@@ -11,8 +11,9 @@
 //! or when it is at or below the object's *floor* (its snapshot position after a sync): such
 //! entries are older than what the file holds.
 //!
-//! Afterwards the files are made durable with one `syncfs` (instead of an fsync per object), the
-//! caller records the slot positions the log established, and the old segments are retired.
+//! Afterwards each file written is synced, and the directories naming them up to the data
+//! directory (not one `syncfs`: see `storage::dirs`), the caller records the slot positions the
+//! log established, and the old segments are retired.
 
 use super::record::{
     Entry, ObjectKey, RecordKind, SlotKey, SlotPos, decode_checkpoint, decode_object_of,
@@ -140,7 +141,11 @@ impl<F: Fn(&ObjectKey) -> PathBuf> FileApplier<'_, F> {
             RecordKind::Delete => {
                 self.files.remove(&key);
                 self.final_len.remove(&key);
-                remove_database_files(&(self.locate)(&key))?;
+                let path = (self.locate)(&key);
+                remove_database_files(&path)?;
+                if let Some(parent) = path.parent() {
+                    self.dirs.insert(parent.to_path_buf());
+                }
                 self.deleted.insert(key);
             }
             RecordKind::PageSet => {
@@ -189,6 +194,17 @@ impl<F: Fn(&ObjectKey) -> PathBuf> FileApplier<'_, F> {
             f.set_len(*len)?;
         }
         Ok(())
+    }
+
+    /// Makes every file written durable, then the names in their directories up to `root`.
+    fn sync(&self, root: &Path) -> io::Result<()> {
+        for key in self.final_len.keys() {
+            let path = (self.locate)(key);
+            File::open(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        }
+        super::dirs::sync_dirs_up_to(self.dirs.iter().cloned(), root)
     }
 }
 
@@ -272,7 +288,7 @@ pub fn recover(
     floors: &HashMap<ObjectKey, Lsn>,
     before_retire: impl FnOnce(&RecoveryReport) -> io::Result<()>,
 ) -> io::Result<RecoveryReport> {
-    fs::create_dir_all(log_dir)?;
+    super::dirs::create_dir_all_durable(log_dir)?;
     let mut report = RecoveryReport::default();
     let covered = covered_by_markers(log_dir, u64::MAX, None, floors)?;
     let mut applier = FileApplier {
@@ -311,13 +327,11 @@ pub fn recover(
     report.objects_deleted = applier.deleted.len();
     report.next_lsn = next_lsn;
 
-    // One syncfs makes every file written above durable; then directory entries. Even with
-    // nothing replayed: it also makes durable the names of database files a previous run
-    // created and had not synced yet (see `storage::dirs`), which this run takes as durable.
-    segments::sync_filesystem(log_dir)?;
-    for d in &applier.dirs {
-        segments::sync_dir(d)?;
-    }
+    // Every file written above, then the directories that name them, up to the data directory:
+    // the previous run may have created a file, or the directory holding it, and died before
+    // syncing its name (see `storage::dirs`); its entries were replayed here, so it is listed.
+    // A file whose entries a marker covers was synced, and its name, before the marker.
+    applier.sync(log_dir.parent().unwrap_or(log_dir))?;
     before_retire(&report)?;
 
     // Everything the log held is now in the database files: retire its segments as spares.
