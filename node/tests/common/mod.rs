@@ -72,6 +72,13 @@ impl TestNode {
 
     /// `colony-node serve` with a YAML configuration; `{listen}` and `{data}` are filled in.
     pub async fn serve(yaml: &str) -> TestNode {
+        let mut node = Self::configured(yaml);
+        node.start().await;
+        node
+    }
+
+    /// Like [`TestNode::serve`], not started yet (to prepare its data directory first).
+    pub fn configured(yaml: &str) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let port = free_port();
@@ -85,16 +92,14 @@ impl TestNode {
             "--config".into(),
             config.display().to_string(),
         ];
-        let mut node = TestNode {
+        TestNode {
             child: None,
             port,
             data,
             args,
             client: client(),
             _dir: Some(dir),
-        };
-        node.start().await;
-        node
+        }
     }
 
     pub async fn start(&mut self) {
