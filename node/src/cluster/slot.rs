@@ -243,12 +243,25 @@ impl Slot {
     }
 
     /// Whether this node's copy of the slot is complete and can be handed to a syncing follower:
-    /// a serving owner, or one draining for a hand-off (it takes no new writes, but the hand-off
+    /// a serving owner; one draining for a hand-off (it takes no new writes, but the hand-off
     /// target may itself need a snapshot before it can catch up — refusing it then made every
-    /// hand-back to a diverged follower time out, over and over).
+    /// hand-back to a diverged follower time out, over and over); or one recovering whose files
+    /// hold everything it has. A recovering owner waits for a quorum to hold its entries, and a
+    /// follower that needs a snapshot can only get it from the owner: when the other voters were
+    /// gone, refusing it left the slot unavailable for good (after a power cut of every node, one
+    /// of which never came back). The owner is the most advanced voter of its epoch, so a
+    /// snapshot of it takes nothing from a follower that an acknowledgement depends on.
     pub fn can_snapshot(&self) -> bool {
         let st = self.lock();
-        matches!(st.role, Role::Owner { epoch, phase: Phase::Serving | Phase::Draining } if epoch >= st.fenced)
+        let complete = st.appended == st.durable && st.applied >= st.durable.lsn;
+        match st.role {
+            Role::Owner { epoch, phase } if epoch >= st.fenced => match phase {
+                Phase::Serving | Phase::Draining => true,
+                Phase::Recovering => complete,
+                Phase::Failed => false,
+            },
+            _ => false,
+        }
     }
 
     // ----- owner side -----

@@ -85,25 +85,16 @@ pub fn local_objects(cl: &Cluster, objects_dir: &Path, slot: &SlotKey) -> Vec<Ob
 /// this order makes the list complete).
 pub fn manifest(cl: &Arc<Cluster>, slot: &SlotKey) -> Result<Manifest, ApiError> {
     let s = cl.slot(slot);
-    let pos = {
-        let st = s.lock();
-        // Only a serving (or draining) owner: while recovering, its applier may not have
-        // written every object's file yet, and a follower deletes what the manifest does not
-        // list.
-        if !matches!(
-            st.role,
-            super::slot::Role::Owner {
-                phase: super::slot::Phase::Serving | super::slot::Phase::Draining,
-                ..
-            }
-        ) {
-            return Err(ApiError::unavailable(
-                "not_owner",
-                format!("this node does not serve slot {slot} right now"),
-            ));
-        }
-        st.appended
-    };
+    // Only an owner whose files hold all it has (see `Slot::can_snapshot`): before its applier
+    // has written every object's file, the list would miss some, and a follower deletes what the
+    // manifest does not list.
+    if !s.can_snapshot() {
+        return Err(ApiError::unavailable(
+            "not_owner",
+            format!("this node does not serve slot {slot} right now"),
+        ));
+    }
+    let pos = s.lock().appended;
     let objects = local_objects(cl, &cl.data_dir.join("objects"), slot)
         .into_iter()
         .map(|o| ManifestObject {
