@@ -298,3 +298,80 @@ async fn a_power_cut_under_write_load_loses_no_acknowledged_write() {
     // Unmounted before the node's directory is removed.
     drop(disk);
 }
+
+/// The disk itself, through the kernel: only synced data and synced names survive a cut.
+#[test]
+fn the_lazy_disk_keeps_what_was_synced_and_nothing_else() {
+    use std::fs::{self, File, OpenOptions};
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = dir.path().join("m");
+    let disk = LazyDisk::mount(&m);
+    let sync_dir = || File::open(&m).and_then(|d| d.sync_all()).expect("sync dir");
+    // Synced, names too.
+    let a = File::create(m.join("a")).expect("create a");
+    a.write_all_at(&[1; 10_000], 0).expect("write");
+    a.sync_data().expect("sync a");
+    fs::write(m.join("t.tmp"), b"t").expect("write t");
+    File::open(m.join("t.tmp"))
+        .and_then(|f| f.sync_all())
+        .expect("sync t");
+    let f = File::create(m.join("f")).expect("create f");
+    f.write_all_at(&[7; 8192], 0).expect("write");
+    f.sync_all().expect("sync f");
+    sync_dir();
+    // Not synced: a write, a new name (its file synced), a rename, a cut and regrowth.
+    a.write_all_at(&[2; 100], 5000).expect("write");
+    let b = File::create(m.join("b")).expect("create b");
+    b.write_all_at(b"never named durably", 0).expect("write");
+    b.sync_all().expect("sync b");
+    fs::rename(m.join("t.tmp"), m.join("t")).expect("rename");
+    f.set_len(100).expect("cut");
+    f.set_len(8192).expect("grow");
+    drop((a, b, f));
+
+    let disk = disk.power_cut();
+    let mut names: Vec<String> = fs::read_dir(&m)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["a", "f", "t.tmp"],
+        "b's and t's names were never synced"
+    );
+    assert_eq!(
+        fs::read(m.join("a")).expect("a"),
+        vec![1; 10_000],
+        "a as synced"
+    );
+    assert_eq!(
+        fs::read(m.join("f")).expect("f"),
+        vec![7; 8192],
+        "f as synced"
+    );
+
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.join("f"))
+        .expect("open f");
+    f.set_len(100).expect("cut");
+    f.set_len(8192).expect("grow");
+    f.sync_all().expect("sync f");
+    fs::rename(m.join("t.tmp"), m.join("t")).expect("rename");
+    sync_dir();
+    drop(f);
+    let disk = disk.power_cut();
+    let mut want = vec![7; 100];
+    want.resize(8192, 0);
+    assert_eq!(
+        fs::read(m.join("f")).expect("f"),
+        want,
+        "cut, grown and synced"
+    );
+    assert!(m.join("t").exists() && !m.join("t.tmp").exists());
+    let counts = disk.counts();
+    assert_eq!(counts.power_cuts, 2);
+    assert!(counts.pages_lost >= 3, "{counts:?}");
+}

@@ -4,6 +4,7 @@
 //! Parties: `control` (127.0.0.9), nodes `n0`, `n1`, ... (127.0.0.10 + i), and `client` (the
 //! test itself, from 127.0.0.1).
 
+use super::lazy_disk::{Counts, LazyDisk};
 use super::netproxy::{NetProxy, loopback_ip};
 use serde_json::{Value, json};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
@@ -52,6 +53,9 @@ pub struct Options {
     pub storage_yaml: String,
     /// Nodes whose data directory is a tmpfs of this many MiB (to fill their disk).
     pub small_disk: Vec<(usize, u64)>,
+    /// Every node's data directory is a disk that keeps only what was synced, for
+    /// [`TestCluster::power_cut`].
+    pub lazy_disks: bool,
 }
 
 impl Default for Options {
@@ -64,6 +68,7 @@ impl Default for Options {
             slots: 32,
             storage_yaml: "logSegmentBytes: 1MiB".into(),
             small_disk: Vec::new(),
+            lazy_disks: false,
         }
     }
 }
@@ -80,6 +85,7 @@ pub struct Node {
     pub child: Option<Child>,
     pub paused: bool,
     mounted: bool,
+    disk: Option<LazyDisk>,
 }
 
 pub struct TestCluster {
@@ -116,6 +122,8 @@ impl Drop for TestCluster {
             if n.mounted {
                 let _ = Command::new("umount").arg(&n.data).status();
             }
+            // Unmounted before the test directory is removed.
+            n.disk = None;
         }
     }
 }
@@ -198,6 +206,7 @@ impl TestCluster {
                 child: None,
                 paused: false,
                 mounted: false,
+                disk: None,
             });
             let opts = &cluster.opts;
             if let Some((_, mib)) = opts.small_disk.iter().find(|(n, _)| *n == i) {
@@ -211,6 +220,9 @@ impl TestCluster {
                     "the disk-full test mounts a small tmpfs for node {name}'s data; mount failed ({status}) — it needs root (CAP_SYS_ADMIN)"
                 );
                 cluster.nodes[i].mounted = true;
+            }
+            if opts.lazy_disks {
+                cluster.nodes[i].disk = Some(LazyDisk::mount(&data));
             }
             let yaml = format!(
                 "node: {{ name: {name}, colo: c{i}, region: test }}
@@ -284,6 +296,19 @@ cluster:
             let _ = c.wait();
         }
         n.paused = false;
+    }
+
+    /// SIGKILL, then the node's disk loses whatever was not synced (`lazy_disks`).
+    pub fn power_cut(&mut self, i: usize) {
+        self.kill9(i);
+        let n = &mut self.nodes[i];
+        let disk = n.disk.take().expect("power cuts need Options::lazy_disks");
+        n.disk = Some(disk.power_cut());
+    }
+
+    /// What node `i`'s disk was asked to do and lost (`lazy_disks`).
+    pub fn disk_counts(&self, i: usize) -> Counts {
+        self.nodes[i].disk.as_ref().expect("a lazy disk").counts()
     }
 
     fn signal(&mut self, i: usize, sig: i32) {
