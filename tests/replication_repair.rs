@@ -786,3 +786,44 @@ async fn a_power_cut_of_every_node_loses_no_acknowledged_write() {
         );
     }
 }
+
+/// An owner restarted within its lease finds a follower a few entries behind (it was down when
+/// they were written). The owner resends them from the entries its log still holds, as it would
+/// have before the restart, rather than sending the follower a snapshot of the whole slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_restarted_within_its_lease_resends_to_a_follower_behind_from_its_log() {
+    let mut c = TestCluster::start(Options {
+        lease: Duration::from_secs(10),
+        ..three_nodes()
+    })
+    .await;
+    let obj = "restart-resend";
+    put(&c, 0, obj, "seed", json!(0)).await;
+    let owner = c.owner_of(obj).await;
+    let behind = a_follower(&c, obj).await;
+    wait_caught_up(&c, behind, obj).await;
+    c.kill9(behind);
+    for i in 0..20 {
+        put(&c, owner, obj, &format!("k{i}"), json!(i)).await;
+    }
+    c.kill9(owner);
+    c.start_node(behind);
+    c.start_node(owner);
+    c.wait_ready(Duration::from_secs(30)).await;
+    assert_eq!(
+        c.owner_of(obj).await,
+        owner,
+        "back within its lease, it still owns the slot"
+    );
+    wait_caught_up(&c, behind, obj).await;
+    assert_eq!(
+        c.metric(behind, "colony_replication_syncs_completed_total")
+            .await,
+        0.0,
+        "the restarted follower caught up without a snapshot sync"
+    );
+    hand_off(&c, obj, behind).await;
+    for i in 0..20 {
+        assert_eq!(get(&c, behind, obj, &format!("k{i}")).await, json!(i));
+    }
+}

@@ -218,7 +218,7 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         .values()
         .flat_map(|f| f.iter().map(|(k, v)| (k.clone(), *v)))
         .collect();
-    let (report, db_bytes) = {
+    let (mut report, db_bytes) = {
         let (logs, objs) = (log_dir.clone(), objects_dir.clone());
         let namespaces = namespaces.clone();
         let journal = journal.clone();
@@ -315,6 +315,7 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         journal,
         journal_state,
         recovered_positions: report.slots.clone(),
+        recovered_recent: std::mem::take(&mut report.recent),
         applier,
         metrics: metrics.clone(),
         namespaces: namespaces.clone(),

@@ -31,9 +31,9 @@ use crate::metrics::Metrics;
 use crate::namespace::Namespace;
 use crate::placement::{ColoSlots, NodeInfo, PlacementMap, SlotReplicas};
 use crate::storage::log::NodeLog;
-use crate::storage::record::{ObjectKey, SlotKey, SlotPos};
+use crate::storage::record::{Entry, ObjectKey, SlotKey, SlotPos};
 use futures::future::BoxFuture;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -77,6 +77,8 @@ pub struct Cluster {
     owned: RwLock<Vec<Arc<Slot>>>,
     /// What the journal and recovery said about each slot when the node started.
     initial: Mutex<JournalState>,
+    /// Recovered entries of slots not created yet (see `Slot::new`); taken at creation.
+    recovered_recent: Mutex<HashMap<SlotKey, VecDeque<Entry>>>,
     host: OnceLock<Weak<dyn SlotHost>>,
     /// Largest write quorum configured over the namespaces.
     pub configured_quorum: usize,
@@ -100,6 +102,8 @@ pub struct ClusterSetup {
     pub journal: SlotJournal,
     pub journal_state: JournalState,
     pub recovered_positions: HashMap<SlotKey, SlotPos>,
+    /// Each slot's newest entries in the local log, to resend from after a restart.
+    pub recovered_recent: HashMap<SlotKey, VecDeque<Entry>>,
     pub applier: Applier,
     pub metrics: Arc<Metrics>,
     pub namespaces: Arc<HashMap<String, Arc<Namespace>>>,
@@ -194,6 +198,7 @@ impl Cluster {
             slots: RwLock::new(HashMap::new()),
             owned: RwLock::new(Vec::new()),
             initial: Mutex::new(initial),
+            recovered_recent: Mutex::new(setup.recovered_recent),
             host: OnceLock::new(),
             configured_quorum,
             ownership_log: Mutex::new(ownership_log),
@@ -233,11 +238,18 @@ impl Cluster {
                 Some(s) => (s.clone(), false),
                 None => {
                     let init = self.initial.lock().unwrap_or_else(|p| p.into_inner());
+                    let recent = self
+                        .recovered_recent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(key)
+                        .unwrap_or_default();
                     let s = Arc::new(Slot::new(
                         key.clone(),
                         init.fenced.get(key).copied().unwrap_or(0),
                         init.positions.get(key).copied().unwrap_or_default(),
                         init.floors.get(key).cloned().unwrap_or_default(),
+                        recent,
                     ));
                     slots.insert(key.clone(), s.clone());
                     (s, true)
@@ -763,6 +775,7 @@ mod tests {
             journal,
             journal_state,
             recovered_positions: HashMap::new(),
+            recovered_recent: HashMap::new(),
             applier,
             metrics,
             namespaces,

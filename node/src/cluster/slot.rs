@@ -103,8 +103,8 @@ struct RingEntry {
     bytes: usize,
 }
 
-const RING_ENTRIES: usize = 512;
-const RING_BYTES: usize = 4 << 20;
+const RING_ENTRIES: usize = crate::storage::recovery::RECENT_ENTRIES;
+const RING_BYTES: usize = crate::storage::recovery::RECENT_BYTES;
 
 pub struct SlotState {
     pub role: Role,
@@ -184,34 +184,39 @@ fn not_owner(key: &SlotKey, why: &str) -> ApiError {
 }
 
 impl Slot {
+    /// A slot at `position`; `recent` are its newest entries in the local log (see
+    /// [`seed_ring`]).
     pub fn new(
         key: SlotKey,
         fenced: u64,
         position: SlotPos,
         floors: HashMap<ObjectKey, Lsn>,
+        recent: VecDeque<Entry>,
     ) -> Self {
+        let mut state = SlotState {
+            role: Role::None,
+            fenced,
+            appended: position,
+            durable: position,
+            applied: position.lsn,
+            generation: 0,
+            pending: VecDeque::new(),
+            progress: Vec::new(),
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            ring_base: position,
+            replicas: None,
+            configured_quorum: 1,
+            syncing: false,
+            closing: false,
+            floors,
+            accepted_epoch: 0,
+            handing_off: None,
+        };
+        seed_ring(&mut state, recent);
         Slot {
             key,
-            state: Mutex::new(SlotState {
-                role: Role::None,
-                fenced,
-                appended: position,
-                durable: position,
-                applied: position.lsn,
-                generation: 0,
-                pending: VecDeque::new(),
-                progress: Vec::new(),
-                ring: VecDeque::new(),
-                ring_bytes: 0,
-                ring_base: position,
-                replicas: None,
-                configured_quorum: 1,
-                syncing: false,
-                closing: false,
-                floors,
-                accepted_epoch: 0,
-                handing_off: None,
-            }),
+            state: Mutex::new(state),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -1187,6 +1192,27 @@ fn push_ring(st: &mut SlotState, frame: Frame, pos: SlotPos) {
     }
 }
 
+/// Fills the ring of a slot just created from the entries its local log holds, so that after a
+/// restart the node resends to a follower a little behind instead of sending it a snapshot of the
+/// whole slot. Only entries provably its history: the newest must be at the slot's position, and
+/// each earlier one is kept while the next one's chain hash follows from it. The oldest of those
+/// is the ring's base (its predecessor is unknown, so it cannot itself be resent).
+fn seed_ring(st: &mut SlotState, recent: VecDeque<Entry>) {
+    let entries = Vec::from(recent);
+    let Some(last) = entries.last() else { return };
+    if last.position() != st.appended {
+        return;
+    }
+    let mut first = entries.len() - 1;
+    while first > 0 && entries[first].follows(entries[first - 1].position()) {
+        first -= 1;
+    }
+    st.ring_base = entries[first].position();
+    for entry in &entries[first + 1..] {
+        push_ring(st, append_frame(entry, entry.lsn().epoch), entry.position());
+    }
+}
+
 /// Index of the first ring entry after `pos`, if `pos` is in the ring's history.
 fn ring_index_after(st: &SlotState, pos: SlotPos) -> Option<usize> {
     if pos == st.ring_base {
@@ -1327,6 +1353,59 @@ impl Drop for HandoffInProgress<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::id::ObjectId;
+
+    /// `n` delete entries of one slot, each placed after the one before.
+    fn chain(n: u64, from: SlotPos) -> Vec<Entry> {
+        let object = ObjectKey::new(Arc::from("ns"), ObjectId::from_bytes([3; 32]));
+        let slot = SlotKey::new("c", 0);
+        let mut prev = from;
+        (0..n)
+            .map(|i| {
+                let mut e = Entry::delete(&object, &slot);
+                prev = e.place_after(prev, Lsn::new(1, from.lsn.seq + i + 1));
+                e
+            })
+            .collect()
+    }
+
+    fn ring_of(position: SlotPos, recent: Vec<Entry>) -> (Vec<SlotPos>, SlotPos) {
+        let slot = Slot::new(
+            SlotKey::new("c", 0),
+            0,
+            position,
+            HashMap::new(),
+            recent.into(),
+        );
+        let st = slot.lock();
+        (st.ring.iter().map(|r| r.pos).collect(), st.ring_base)
+    }
+
+    #[test]
+    fn a_slot_resends_from_the_recovered_entries_that_chain_to_its_position() {
+        let entries = chain(5, SlotPos::START);
+        let positions: Vec<SlotPos> = entries.iter().map(Entry::position).collect();
+        // All chain to the position: every one but the oldest (the base) can be resent.
+        assert_eq!(
+            ring_of(positions[4], entries.clone()),
+            (positions[1..].to_vec(), positions[0])
+        );
+        // The log's newest entry is not the slot's position (a sync moved it): nothing.
+        assert_eq!(
+            ring_of(positions[3], entries.clone()),
+            (vec![], positions[3])
+        );
+        // Another history's entries before a break in the chain are left out.
+        let mut mixed = chain(3, SlotPos::START);
+        let tail = chain(3, positions[1]);
+        let tail_positions: Vec<SlotPos> = tail.iter().map(Entry::position).collect();
+        mixed.extend(tail);
+        assert_eq!(
+            ring_of(tail_positions[2], mixed),
+            (tail_positions[1..].to_vec(), tail_positions[0])
+        );
+        assert_eq!(ring_of(SlotPos::START, vec![]), (vec![], SlotPos::START));
+    }
 
     #[test]
     fn a_hand_off_drains_only_for_a_streaming_target_within_the_resend_window() {

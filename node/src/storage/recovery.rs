@@ -20,7 +20,7 @@ use super::record::{
 };
 use super::segments::{self, decode_record, list_segments};
 use crate::lsn::Lsn;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -36,6 +36,42 @@ pub struct RecoveryReport {
     pub objects_deleted: usize,
     /// The last entry of each slot found in the log.
     pub slots: HashMap<SlotKey, SlotPos>,
+    /// The newest entries of each slot found in the log, in log order (at most
+    /// [`RECENT_ENTRIES`] and [`RECENT_BYTES`] each): a restarted owner resends from them to a
+    /// follower a little behind, which would otherwise need a snapshot of the whole slot.
+    pub recent: HashMap<SlotKey, VecDeque<Entry>>,
+}
+
+/// How many of a slot's newest entries a node keeps to resend (its ring), and recovery hands it.
+pub const RECENT_ENTRIES: usize = 512;
+/// The most bytes of entries kept per slot to resend.
+pub const RECENT_BYTES: usize = 4 << 20;
+
+/// Keeps the newest entries of each slot, within the limits.
+#[derive(Default)]
+struct Recent {
+    per_slot: HashMap<SlotKey, (VecDeque<Entry>, usize)>,
+}
+
+impl Recent {
+    fn push(&mut self, entry: Entry) {
+        let (entries, bytes) = self.per_slot.entry(entry.slot()).or_default();
+        *bytes += entry.bytes().len();
+        entries.push_back(entry);
+        while entries.len() > RECENT_ENTRIES || *bytes > RECENT_BYTES {
+            match entries.pop_front() {
+                Some(old) => *bytes -= old.bytes().len(),
+                None => break,
+            }
+        }
+    }
+
+    fn into_map(self) -> HashMap<SlotKey, VecDeque<Entry>> {
+        self.per_slot
+            .into_iter()
+            .map(|(slot, (entries, _))| (slot, entries))
+            .collect()
+    }
 }
 
 /// Calls `visit` for every valid record of the log in `dir` below `upto`, in LSN order; returns
@@ -299,21 +335,24 @@ pub fn recover(
         dirs: BTreeSet::new(),
         applied: 0,
     };
+    let mut recent = Recent::default();
     let next_lsn = scan(log_dir, u64::MAX, |lsn, kind, payload| {
         report.records += 1;
         if kind == RecordKind::Checkpoint {
             return Ok(());
         }
-        let Some((slot, pos)) = entry_lsn(kind, payload) else {
+        let Ok(entry) = Entry::from_bytes(kind, payload.to_vec()) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("malformed entry at log position {lsn}"),
             ));
         };
-        let e = report.slots.entry(slot).or_insert(pos);
+        let pos = entry.position();
+        let e = report.slots.entry(entry.slot()).or_insert(pos);
         if pos.lsn > e.lsn {
             *e = pos;
         }
+        recent.push(entry);
         let key =
             decode_object_of(payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if covered.get(&key).is_some_and(|c| c.covers(lsn, pos.lsn)) {
@@ -326,6 +365,7 @@ pub fn recover(
     report.objects_touched = applier.final_len.len();
     report.objects_deleted = applier.deleted.len();
     report.next_lsn = next_lsn;
+    report.recent = recent.into_map();
 
     // Every file written above, then the directories that name them, up to the data directory:
     // the previous run may have created a file, or the directory holding it, and died before
