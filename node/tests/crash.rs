@@ -375,3 +375,75 @@ fn the_lazy_disk_keeps_what_was_synced_and_nothing_else() {
     assert_eq!(counts.power_cuts, 2);
     assert!(counts.pages_lost >= 3, "{counts:?}");
 }
+
+/// Deleting an object that never had data logs a delete whose object has no directory on disk:
+/// a unique ID's shard (`01`) stays empty here, as only named objects (`02`) get data. The
+/// node's pending directories must not wait for that directory: every checkpoint marker was held
+/// back by it, and the log grew without end. Restarting with such a delete in the log works too
+/// (recovery's own test, `a_delete_of_an_object_without_a_directory_is_replayed`, covers the case
+/// where the delete has no marker yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_an_object_that_never_had_data_blocks_neither_markers_nor_recovery() {
+    let mut node = TestNode::serve(CONFIG).await;
+    let delete_new_unique = |node: &TestNode| {
+        let node_url = node.url("");
+        let client = node.client.clone();
+        async move {
+            let r = client
+                .post(format!("{node_url}/v1/ns/default/ids"))
+                .json(&json!({}))
+                .send()
+                .await
+                .expect("new id");
+            let (status, body) = common::status_json(r).await;
+            assert_eq!(status, 200, "{body}");
+            let id = body["id"].as_str().expect("id").to_string();
+            let r = client
+                .delete(format!("{node_url}/v1/ns/default/objects/{id}"))
+                .send()
+                .await
+                .expect("delete");
+            let (status, body) = common::status_json(r).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["deleted"], json!(false), "{body}");
+        }
+    };
+    // Then a restart.
+    delete_new_unique(&node).await;
+    node.restart().await;
+    // Another, while checkpoint markers are due: enough writes to fill several 1 MiB segments,
+    // which the markers let retire.
+    delete_new_unique(&node).await;
+    let (s, v) = node
+        .sql(
+            "busy",
+            "CREATE TABLE a(seq INTEGER PRIMARY KEY, pad BLOB)",
+            json!([]),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    for i in 0..150 {
+        let (s, v) = node
+            .sql(
+                "busy",
+                "INSERT INTO a(seq, pad) VALUES (?, randomblob(30000))",
+                json!([i]),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let segments = node.metric("colony_log_segments").await;
+        if segments <= 2.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{segments} log segments live: checkpoint markers are held back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = node.sql("busy", "SELECT count(*) FROM a", json!([])).await;
+    assert_eq!((s, &v["rows"]), (200, &json!([[150]])), "{v}");
+}

@@ -320,7 +320,8 @@ impl Worker {
                 let path = self.path_of(&key);
                 remove_database_files(&path)?;
                 self.sync_failures.forget(&key);
-                if let Some(dir) = path.parent() {
+                // No directory: the object never had a file here (see `Actor::delete_all`).
+                if let Some(dir) = path.parent().filter(|d| d.is_dir()) {
                     self.new_dirs.add([dir.to_path_buf()]);
                 }
                 if let Some(ns) = self.namespace(&key.namespace) {

@@ -346,7 +346,9 @@ impl Actor {
         env.sync_failures.forget(&handle.key);
         // The marker lets the log drop the delete entry, so the removal must be durable first:
         // otherwise a power cut could bring the old database back with nothing left to delete it.
-        if let Some(dir) = path.parent() {
+        // No directory: the object never had a file. A pending directory that does not exist
+        // would hold back every marker of the node.
+        if let Some(dir) = path.parent().filter(|d| d.is_dir()) {
             env.new_dirs.add([dir.to_path_buf()]);
         }
         log_marker_once_durable(env, None, handle.key.clone(), delete_lsn, self.last_lsn);

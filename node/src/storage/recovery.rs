@@ -179,7 +179,8 @@ impl<F: Fn(&ObjectKey) -> PathBuf> FileApplier<'_, F> {
                 self.final_len.remove(&key);
                 let path = (self.locate)(&key);
                 remove_database_files(&path)?;
-                if let Some(parent) = path.parent() {
+                // No directory: the object never had a file, and there is nothing to sync.
+                if let Some(parent) = path.parent().filter(|d| d.is_dir()) {
                     self.dirs.insert(parent.to_path_buf());
                 }
                 self.deleted.insert(key);
@@ -451,6 +452,23 @@ mod tests {
     fn page_fills(db: &Path) -> Vec<u8> {
         let bytes = fs::read(db).expect("database file");
         bytes.chunks(PAGE as usize).map(|p| p[0]).collect()
+    }
+
+    /// A delete of an object that never had a file (a client may delete any ID) has no
+    /// directory to sync: recovery replays it and goes on. It used to fail, and the node with it.
+    #[test]
+    fn a_delete_of_an_object_without_a_directory_is_replayed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let log = tmp.path().join("log");
+        let objects = tmp.path().join("objects");
+        let a = object(1);
+        let mut delete = Entry::delete(&a, &SlotKey::new("c", 0));
+        delete.place_after(SlotPos::START, Lsn::new(1, 1));
+        write_log(&log, &[(RecordKind::Delete, delete.into_bytes())]);
+        let locate = |k: &ObjectKey| objects.join(k.id.to_hex()).join("x.db");
+        let report = recover(&log, locate, &HashMap::new(), |_| Ok(())).expect("recover");
+        assert_eq!(report.objects_deleted, 1);
+        assert!(!objects.exists(), "nothing was created for it");
     }
 
     #[test]
