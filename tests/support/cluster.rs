@@ -527,6 +527,25 @@ cluster:
     }
 
     /// Metric value from a node's /metrics (0 if absent).
+    /// Node `i`'s metric `name`, which must be there.
+    pub async fn required_metric(&self, i: usize, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url(i, "/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{} has no metric {name}", self.nodes[i].name))
+    }
+
+    /// Node `i`'s metric `name`; 0 when the node does not answer or lacks it.
     pub async fn metric(&self, i: usize, name: &str) -> f64 {
         let Ok(r) = self.client.get(self.url(i, "/metrics")).send().await else {
             return 0.0;

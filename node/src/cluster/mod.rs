@@ -461,6 +461,14 @@ impl Cluster {
                 slot.set_replicas(self, None, self.configured_quorum);
             }
         }
+        // Every slot this node takes part in exists now, seeded; the recovered entries of any
+        // other slot would only take memory (up to 4 MiB a slot).
+        if !touched.is_empty()
+            && let Ok(mut recent) = self.recovered_recent.lock()
+            && !recent.is_empty()
+        {
+            *recent = HashMap::new();
+        }
         self.lease.placement_applied(version);
         tracing::info!(version, slots = touched.len(), "placement applied");
     }

@@ -257,16 +257,23 @@ impl Slot {
     /// of which never came back). The owner is the most advanced voter of its epoch, so a
     /// snapshot of it takes nothing from a follower that an acknowledgement depends on.
     pub fn can_snapshot(&self) -> bool {
+        self.snapshot_position().is_some()
+    }
+
+    /// The position a snapshot of the slot would be at, when this node can hand one out (see
+    /// [`Slot::can_snapshot`]).
+    pub fn snapshot_position(&self) -> Option<SlotPos> {
         let st = self.lock();
         let complete = st.appended == st.durable && st.applied >= st.durable.lsn;
-        match st.role {
+        let can = match st.role {
             Role::Owner { epoch, phase } if epoch >= st.fenced => match phase {
                 Phase::Serving | Phase::Draining => true,
                 Phase::Recovering => complete,
                 Phase::Failed => false,
             },
             _ => false,
-        }
+        };
+        can.then_some(st.appended)
     }
 
     // ----- owner side -----
@@ -1403,6 +1410,19 @@ mod tests {
         assert_eq!(
             ring_of(tail_positions[2], mixed),
             (tail_positions[1..].to_vec(), tail_positions[0])
+        );
+        // A later position whose chain hash does not follow from the entry before it.
+        let mut forged = chain(3, SlotPos::START);
+        let elsewhere = SlotPos {
+            lsn: Lsn::new(1, 3),
+            chain: 0x5eed,
+        };
+        let tail = chain(2, elsewhere);
+        let tail_positions: Vec<SlotPos> = tail.iter().map(Entry::position).collect();
+        forged.extend(tail);
+        assert_eq!(
+            ring_of(tail_positions[1], forged),
+            (vec![tail_positions[1]], tail_positions[0])
         );
         assert_eq!(ring_of(SlotPos::START, vec![]), (vec![], SlotPos::START));
     }

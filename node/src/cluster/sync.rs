@@ -85,16 +85,16 @@ pub fn local_objects(cl: &Cluster, objects_dir: &Path, slot: &SlotKey) -> Vec<Ob
 /// this order makes the list complete).
 pub fn manifest(cl: &Arc<Cluster>, slot: &SlotKey) -> Result<Manifest, ApiError> {
     let s = cl.slot(slot);
-    // Only an owner whose files hold all it has (see `Slot::can_snapshot`): before its applier
+    // Only an owner whose files hold all it has (see `Slot::can_snapshot`), its position read
+    // under the same lock: before its applier
     // has written every object's file, the list would miss some, and a follower deletes what the
     // manifest does not list.
-    if !s.can_snapshot() {
+    let Some(pos) = s.snapshot_position() else {
         return Err(ApiError::unavailable(
             "not_owner",
             format!("this node does not serve slot {slot} right now"),
         ));
-    }
-    let pos = s.lock().appended;
+    };
     let objects = local_objects(cl, &cl.data_dir.join("objects"), slot)
         .into_iter()
         .map(|o| ManifestObject {

@@ -34,16 +34,29 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
             _ => break,
         }
     }
+    if missing.is_empty() && !dir.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
     if missing.is_empty() {
         return Ok(Vec::new());
     }
     std::fs::create_dir_all(dir)?;
     // The parent of each new directory, the deepest first: a name is synced only after the
     // directory it names exists.
+    // A relative path's first component lives in the current directory.
     let changed: Vec<PathBuf> = missing
         .iter()
-        .filter_map(|m| m.parent().filter(|p| !p.as_os_str().is_empty()))
-        .map(Path::to_path_buf)
+        .filter_map(|m| m.parent())
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
         .collect();
     for parent in &changed {
         super::segments::sync_dir(parent)
@@ -147,6 +160,10 @@ mod tests {
         assert!(
             create_dir_all_durable(&file.join("d")).is_err(),
             "a file in the way is an error"
+        );
+        assert!(
+            create_dir_all_durable(&file).is_err(),
+            "a file where the directory should be is an error"
         );
     }
 

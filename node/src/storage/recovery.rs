@@ -168,11 +168,9 @@ struct FileApplier<'a, F: Fn(&ObjectKey) -> PathBuf> {
 const OPEN_FILES: usize = 256;
 
 impl<F: Fn(&ObjectKey) -> PathBuf> FileApplier<'_, F> {
-    fn apply(&mut self, kind: RecordKind, payload: &[u8]) -> io::Result<()> {
-        let entry = Entry::from_bytes(kind, payload.to_vec())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    fn apply(&mut self, entry: &Entry) -> io::Result<()> {
         let key = entry.object();
-        match kind {
+        match entry.kind {
             RecordKind::Checkpoint => {}
             RecordKind::Delete => {
                 self.files.remove(&key);
@@ -278,7 +276,9 @@ pub fn replay_object(
         }
         match entry_lsn(kind, payload) {
             Some((_, p)) if c.covers(lsn, p.lsn) => Ok(()),
-            _ => applier.apply(kind, payload),
+            _ => Entry::from_bytes(kind, payload.to_vec())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+                .and_then(|entry| applier.apply(&entry)),
         }
     })?;
     applier.finish()?;
@@ -353,13 +353,14 @@ pub fn recover(
         if pos.lsn > e.lsn {
             *e = pos;
         }
-        recent.push(entry);
-        let key =
-            decode_object_of(payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if covered.get(&key).is_some_and(|c| c.covers(lsn, pos.lsn)) {
-            return Ok(());
+        let covered = covered
+            .get(&entry.object())
+            .is_some_and(|c| c.covers(lsn, pos.lsn));
+        if !covered {
+            applier.apply(&entry)?;
         }
-        applier.apply(kind, payload)
+        recent.push(entry);
+        Ok(())
     })?;
     applier.finish()?;
     report.page_sets_applied = applier.applied;

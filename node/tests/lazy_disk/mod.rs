@@ -57,9 +57,9 @@ pub struct Counts {
     pub dir_syncs: u64,
     pub renames: u64,
     pub power_cuts: u64,
-    /// Pages written and not synced when the power was cut (lost, or cut off).
+    /// Pages of named files written and not synced when the power was cut (lost, or cut off).
     pub pages_lost: u64,
-    /// Directories whose entries had changed since their last sync when the power was cut.
+    /// Named directories whose entries had changed since their last sync when the power was cut.
     pub dirs_reverted: u64,
 }
 
@@ -96,11 +96,19 @@ impl State {
         self.copy_durable(ROOT, ROOT, &mut fresh, &mut on_path);
         fresh.counts = self.counts;
         fresh.counts.power_cuts += 1;
-        for inode in self.inodes.values() {
-            match inode {
-                Inode::File(f) => fresh.counts.pages_lost += f.dirty.len() as u64,
-                Inode::Dir(d) if d.entries != d.durable => fresh.counts.dirs_reverted += 1,
-                Inode::Dir(_) => {}
+        // What the cut took from the files and directories named at that moment (not from
+        // files already removed, whose loss nobody could notice).
+        let mut named = vec![ROOT];
+        while let Some(ino) = named.pop() {
+            match self.inodes.get(&ino) {
+                Some(Inode::File(f)) => fresh.counts.pages_lost += f.dirty.len() as u64,
+                Some(Inode::Dir(d)) => {
+                    if d.entries != d.durable {
+                        fresh.counts.dirs_reverted += 1;
+                    }
+                    named.extend(d.entries.values());
+                }
+                None => {}
             }
         }
         fresh
