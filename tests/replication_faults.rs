@@ -222,6 +222,32 @@ fn assert_linearizable(w: &Workload, rounds: usize) {
     }
 }
 
+enum Down {
+    Kill9,
+    PowerCut,
+}
+
+/// Takes the owner of `obj` down, waits past its lease (its slots fail over) and starts it
+/// again.
+async fn owner_down_and_back(c: &mut TestCluster, obj: &str, round: usize, how: Down) {
+    let victim = c.owner_of(obj).await;
+    let what = match how {
+        Down::Kill9 => "kill -9",
+        Down::PowerCut => "power cut",
+    };
+    eprintln!(
+        "round {round}: {what} {} (owner of {obj})",
+        c.nodes[victim].name
+    );
+    match how {
+        Down::Kill9 => c.kill9(victim),
+        Down::PowerCut => c.power_cut(victim),
+    }
+    wait(c, c.opts.lease + Duration::from_secs(2)).await;
+    c.start_node(victim);
+    wait(c, Duration::from_secs(2)).await;
+}
+
 async fn wait(c: &TestCluster, d: Duration) {
     let _ = c;
     tokio::time::sleep(d).await;
@@ -265,16 +291,7 @@ async fn kills_pauses_partitions_and_power_cuts_lose_no_acknowledged_write_and_s
     wait(&c, Duration::from_millis(1500)).await;
     for round in 0..rounds {
         // 1. kill -9 an owner, then bring it back (it rejoins as follower and catches up).
-        let victim = c.owner_of(REGISTERS[round % 3]).await;
-        eprintln!(
-            "round {round}: kill -9 {} (owner of {})",
-            c.nodes[victim].name,
-            REGISTERS[round % 3]
-        );
-        c.kill9(victim);
-        wait(&c, lease + Duration::from_secs(2)).await;
-        c.start_node(victim);
-        wait(&c, Duration::from_secs(2)).await;
+        owner_down_and_back(&mut c, REGISTERS[round % 3], round, Down::Kill9).await;
 
         // 2. Pause a follower briefly (below the lease: it keeps its slots).
         let follower = c.followers_of(COUNTERS[0]).await[0];
@@ -318,16 +335,7 @@ async fn kills_pauses_partitions_and_power_cuts_lose_no_acknowledged_write_and_s
 
         // 6. Cut an owner's power: it loses what it had not synced, entries it sent to its
         //    followers included, and comes back as a follower of the successor.
-        let victim = c.owner_of(COUNTERS[round % 2]).await;
-        eprintln!(
-            "round {round}: power cut {} (owner of {})",
-            c.nodes[victim].name,
-            COUNTERS[round % 2]
-        );
-        c.power_cut(victim);
-        wait(&c, lease + Duration::from_secs(2)).await;
-        c.start_node(victim);
-        wait(&c, Duration::from_secs(2)).await;
+        owner_down_and_back(&mut c, COUNTERS[round % 2], round, Down::PowerCut).await;
     }
     w.stop.store(true, Ordering::Relaxed);
     for t in clients {

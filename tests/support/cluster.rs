@@ -538,10 +538,7 @@ cluster:
             .text()
             .await
             .expect("metrics text");
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        metric_value(&text, name)
             .unwrap_or_else(|| panic!("{} has no metric {name}", self.nodes[i].name))
     }
 
@@ -551,10 +548,14 @@ cluster:
             return 0.0;
         };
         let Ok(text) = r.text().await else { return 0.0 };
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        metric_value(&text, name).unwrap_or(0.0)
     }
+}
+
+/// The value of the first sample of metric `name` in a Prometheus text exposition.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

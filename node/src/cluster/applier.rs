@@ -624,6 +624,27 @@ mod tests {
         assert_eq!(held.bytes(), PAGE as usize);
     }
 
+    /// A worker on a test log in `dir`: the log, its directory, the objects directory, the worker.
+    fn worker_in(
+        dir: &std::path::Path,
+        failures: Arc<SyncFailures>,
+    ) -> (crate::storage::log::LogRunner, PathBuf, PathBuf, Worker) {
+        let log_dir = dir.join("log");
+        let runner = crate::storage::log::start_for_test(&log_dir);
+        let objects = dir.join("objects");
+        std::fs::create_dir_all(&objects).expect("objects dir");
+        let worker = Worker::new(
+            objects.clone(),
+            Arc::new(HashMap::new()),
+            runner.log(),
+            log_dir.clone(),
+            Arc::new(PendingDirs::default()),
+            failures,
+        )
+        .expect("worker");
+        (runner, log_dir, objects, worker)
+    }
+
     /// Logs `payload` as a follower logs a record, and returns its log position once durable.
     fn log_record(log: &NodeLog, kind: RecordKind, object: ObjectKey, payload: &[u8]) -> u64 {
         let (tx, rx) = mpsc::channel();
@@ -647,19 +668,9 @@ mod tests {
     #[test]
     fn an_entry_under_a_snapshot_floor_gets_a_marker_and_its_log_segment_retires() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let log_dir = tmp.path().join("log");
-        let runner = crate::storage::log::start_for_test(&log_dir);
+        let (runner, log_dir, objects, mut worker) =
+            worker_in(tmp.path(), Arc::new(SyncFailures::default()));
         runner.log().shared().set_retire_limit(u64::MAX);
-        let objects = tmp.path().join("objects");
-        let mut worker = Worker::new(
-            objects.clone(),
-            Arc::new(HashMap::new()),
-            runner.log(),
-            log_dir.clone(),
-            Arc::new(PendingDirs::default()),
-            Arc::new(SyncFailures::default()),
-        )
-        .expect("worker");
         // The installed snapshot: the object as of slot position 1.5, durable.
         let skipped = entry(4, &[(1, 0x44)], 1);
         let object = skipped.object();
@@ -719,20 +730,8 @@ mod tests {
     #[test]
     fn a_followed_file_that_failed_to_sync_is_rebuilt_from_the_log_at_its_next_entry() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let log_dir = tmp.path().join("log");
-        let runner = crate::storage::log::start_for_test(&log_dir);
-        let objects = tmp.path().join("objects");
-        std::fs::create_dir_all(&objects).expect("objects dir");
         let failures = Arc::new(SyncFailures::default());
-        let mut worker = Worker::new(
-            objects.clone(),
-            Arc::new(HashMap::new()),
-            runner.log(),
-            log_dir.clone(),
-            Arc::new(PendingDirs::default()),
-            failures.clone(),
-        )
-        .expect("worker");
+        let (runner, log_dir, objects, mut worker) = worker_in(tmp.path(), failures.clone());
         let entries = [
             entry(1, &[(1, 0xa1), (2, 0xa2)], 2),
             entry(2, &[(2, 0xb2), (3, 0xb3)], 3),
