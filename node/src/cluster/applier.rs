@@ -352,28 +352,10 @@ impl Worker {
         let keys: Vec<ObjectKey> = self.held.keys().cloned().collect();
         for key in keys {
             let path = self.path_of(&key);
-            if let Some(dir) = path.parent()
-                && !dir.exists()
-            {
-                // Every directory created here, and the existing one that holds the first.
-                let mut top = dir;
-                while let Some(up) = top.parent()
-                    && !up.exists()
-                {
-                    top = up;
-                }
-                std::fs::create_dir_all(dir)?;
-                let mut changed = Vec::new();
-                let mut d = dir;
-                while d != top {
-                    changed.push(d.to_path_buf());
-                    d = d.parent().unwrap_or(top);
-                }
-                changed.push(top.to_path_buf());
-                if let Some(up) = top.parent() {
-                    changed.push(up.to_path_buf());
-                }
-                self.new_dirs.add(changed);
+            if let Some(dir) = path.parent() {
+                // The directories made for it; its own gains the file, noted below.
+                self.new_dirs
+                    .add(crate::storage::dirs::create_dir_all_noting(dir)?);
             }
             let existed = path.exists();
             let file = OpenOptions::new()

@@ -134,15 +134,9 @@ impl ObjectDb {
         let mut changed_dirs: Vec<PathBuf> = Vec::new();
         if let Some(parent) = path.parent().filter(|_| new_file) {
             changed_dirs.push(parent.to_path_buf());
-            let mut missing = parent;
-            while !missing.exists() {
-                let Some(up) = missing.parent() else { break };
-                changed_dirs.push(up.to_path_buf());
-                missing = up;
-            }
-            std::fs::create_dir_all(parent).map_err(|e| {
-                ApiError::internal(format!("cannot create {}: {e}", parent.display()))
-            })?;
+            changed_dirs.extend(crate::storage::dirs::create_dir_all_noting(parent).map_err(
+                |e| ApiError::internal(format!("cannot create {}: {e}", parent.display())),
+            )?);
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE

@@ -25,6 +25,18 @@ use std::sync::Mutex;
 /// `mkdir -p` whose result survives a power cut: each directory created is synced into its
 /// parent (the one that existed included). Returns the directories whose entries it changed.
 pub fn create_dir_all_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let changed = create_dir_all_noting(dir)?;
+    for parent in &changed {
+        super::segments::sync_dir(parent)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
+    }
+    Ok(changed)
+}
+
+/// `mkdir -p`, returning the directories whose entries it changed — the parent of each directory
+/// it created, the deepest first — for the caller to sync now or before it relies on them
+/// (see [`PendingDirs`]).
+pub fn create_dir_all_noting(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut missing = Vec::new();
     let mut d = dir;
     while !d.exists() {
@@ -44,10 +56,8 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
         return Ok(Vec::new());
     }
     std::fs::create_dir_all(dir)?;
-    // The parent of each new directory, the deepest first: a name is synced only after the
-    // directory it names exists.
     // A relative path's first component lives in the current directory.
-    let changed: Vec<PathBuf> = missing
+    Ok(missing
         .iter()
         .filter_map(|m| m.parent())
         .map(|p| {
@@ -57,18 +67,16 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<Vec<PathBuf>> {
                 p.to_path_buf()
             }
         })
-        .collect();
-    for parent in &changed {
-        super::segments::sync_dir(parent)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
-    }
-    Ok(changed)
+        .collect())
 }
 
 /// Syncs each of `dirs` and every directory between it and `root` (`root` included), each once:
 /// a name a previous run created and had not synced, at whatever depth, becomes durable.
-/// Directories outside `root` are synced alone.
-pub fn sync_dirs_up_to(dirs: impl IntoIterator<Item = PathBuf>, root: &Path) -> io::Result<()> {
+/// Directories outside `root` are synced alone. Returns the directories synced, in order.
+pub fn sync_dirs_up_to(
+    dirs: impl IntoIterator<Item = PathBuf>,
+    root: &Path,
+) -> io::Result<Vec<PathBuf>> {
     let mut all = BTreeSet::new();
     for dir in dirs {
         let mut d = dir.as_path();
@@ -80,11 +88,12 @@ pub fn sync_dirs_up_to(dirs: impl IntoIterator<Item = PathBuf>, root: &Path) -> 
         }
     }
     // Deepest first, as a crash between two syncs then leaves nothing named that is not there.
-    for dir in all.iter().rev() {
+    let order: Vec<PathBuf> = all.into_iter().rev().collect();
+    for dir in &order {
         super::segments::sync_dir(dir)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
     }
-    Ok(())
+    Ok(order)
 }
 
 #[derive(Default)]
@@ -173,7 +182,18 @@ mod tests {
         let (a, b) = (root.path().join("x/a"), root.path().join("x/b"));
         std::fs::create_dir_all(&a).expect("mkdir");
         std::fs::create_dir_all(&b).expect("mkdir");
-        sync_dirs_up_to([a.clone(), b, a], root.path()).expect("sync");
+        let x = root.path().join("x");
+        assert_eq!(
+            sync_dirs_up_to([a.clone(), b.clone(), a.clone()], root.path()).expect("sync"),
+            vec![b, a, x, root.path().to_path_buf()],
+            "each once, every one between, the deepest first"
+        );
+        let outside = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            sync_dirs_up_to([outside.path().to_path_buf()], root.path()).expect("sync"),
+            vec![outside.path().to_path_buf()],
+            "a directory outside the root alone"
+        );
         let gone = root.path().join("x/gone");
         let err = sync_dirs_up_to([gone.clone()], root.path()).expect_err("missing directory");
         assert!(

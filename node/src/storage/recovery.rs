@@ -239,7 +239,7 @@ impl<F: Fn(&ObjectKey) -> PathBuf> FileApplier<'_, F> {
                 .and_then(|f| f.sync_data())
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         }
-        super::dirs::sync_dirs_up_to(self.dirs.iter().cloned(), root)
+        super::dirs::sync_dirs_up_to(self.dirs.iter().cloned(), root).map(|_| ())
     }
 }
 
