@@ -9,6 +9,7 @@ use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
 use crate::object::{ObjectEnv, Objects};
+use crate::storage::layout;
 use crate::storage::log::{self, LogRunner};
 use crate::storage::record::ObjectKey;
 use crate::storage::recovery::{self, RecoveryReport};
@@ -136,8 +137,9 @@ fn open_file_limit() -> u64 {
     }
 }
 
-/// Walks `objects/<ns>/<xx>/<id>.db`: discards every `-wal`/`-shm` (the node log supersedes
-/// them), removes empty database files, and indexes the rest. Returns total database bytes.
+/// Walks `objects/<ns>/<shard>/<id>.db`: discards every `-wal`/`-shm`/`-journal` (the node log
+/// supersedes them) and every `.sync` a snapshot install left unfinished, removes empty database
+/// files, and indexes the rest. Returns total database bytes.
 fn scan_objects(
     objects_dir: &Path,
     namespaces: &HashMap<String, Arc<Namespace>>,
@@ -154,7 +156,11 @@ fn scan_objects(
             for entry in fs::read_dir(shard?.path())? {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().to_string();
-                if name.ends_with("-wal") || name.ends_with("-shm") || name.ends_with("-journal") {
+                if name.ends_with("-wal")
+                    || name.ends_with("-shm")
+                    || name.ends_with("-journal")
+                    || name.ends_with(".sync")
+                {
                     fs::remove_file(entry.path())?;
                     continue;
                 }
@@ -223,6 +229,14 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         let namespaces = namespaces.clone();
         let journal = journal.clone();
         tokio::task::spawn_blocking(move || -> Result<(RecoveryReport, u64), StartError> {
+            // Before recovery opens any file: it looks for each where this layout puts it.
+            let placed = layout::place_object_files(&objs).map_err(storage_err(&objs))?;
+            if placed.moved > 0 {
+                tracing::info!(
+                    files = placed.moved,
+                    "moved object databases into the shard directories of their IDs"
+                );
+            }
             let report = recovery::recover(
                 &logs,
                 |key: &ObjectKey| crate::object::db_path(&objs, key),

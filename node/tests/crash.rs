@@ -161,6 +161,14 @@ enum Crash {
 }
 
 impl Crash {
+    /// The disk of a power cut.
+    fn into_disk(self) -> LazyDisk {
+        match self {
+            Crash::PowerCut(disk) => disk,
+            Crash::Kill9 => panic!("a kill -9 has no lazy disk"),
+        }
+    }
+
     fn strike(self, node: &mut TestNode) -> Crash {
         node.kill9();
         match self {
@@ -446,4 +454,121 @@ async fn deleting_an_object_that_never_had_data_blocks_neither_markers_nor_recov
     }
     let (s, v) = node.sql("busy", "SELECT count(*) FROM a", json!([])).await;
     assert_eq!((s, &v["rows"]), (200, &json!([[150]])), "{v}");
+}
+
+/// Nodes before the current layout put every object's file in the shard of its ID's first byte
+/// (its kind), so all named objects of a namespace shared one directory. A node started on such
+/// a data directory moves each file into its own shard before recovery, durably, and loses
+/// nothing: neither rows already in the files nor rows only in the log. On the lazy disk, with a
+/// power cut as soon as the node has started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_started_on_the_first_byte_layout_moves_the_files_and_loses_nothing() {
+    const NAMES: usize = 8;
+    let mut node = TestNode::configured(CONFIG);
+    let mut disk = LazyDisk::mount(&node.data);
+    node.start().await;
+    let insert = |node: &TestNode, object: String, from: i64| {
+        let url = node.obj("default", &object, "/sql");
+        let client = node.client.clone();
+        async move {
+            for seq in from..from + 20 {
+                let r = client
+                    .post(&url)
+                    .json(&json!({"sql": "INSERT INTO t(seq, pad) VALUES (?, randomblob(2000))", "params": [seq]}))
+                    .send()
+                    .await
+                    .expect("insert");
+                let (s, v) = common::status_json(r).await;
+                assert_eq!(s, 200, "{v}");
+            }
+        }
+    };
+    let names: Vec<String> = (0..NAMES).map(|i| format!("layout-{i}")).collect();
+    for name in &names {
+        let (s, v) = node
+            .sql(
+                name,
+                "CREATE TABLE t(seq INTEGER PRIMARY KEY, pad BLOB)",
+                json!([]),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        insert(&node, name.clone(), 0).await;
+    }
+    // Recovery writes the first rows into the files, and later starts do not replay them; the
+    // second rows, of half the objects, are only in the log.
+    disk = Crash::PowerCut(disk).strike(&mut node).into_disk();
+    node.start().await;
+    for name in &names[..NAMES / 2] {
+        insert(&node, name.clone(), 100).await;
+    }
+    disk = Crash::PowerCut(disk).strike(&mut node).into_disk();
+
+    // Rearrange the files durably as the old layout had them: a database with its companions.
+    let objects = node.data.join("objects");
+    let mut moved = 0;
+    for file in common::files_under(&objects) {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+            .to_string();
+        let from = file.parent().expect("shard").to_path_buf();
+        let old_shard = from.parent().expect("namespace").join(&name[..2]);
+        if from != old_shard {
+            std::fs::create_dir_all(&old_shard).expect("mkdir");
+            std::fs::rename(&file, old_shard.join(&name)).expect("move");
+            for dir in [&old_shard, &from, &objects.join("default")] {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .expect("sync dir");
+            }
+            moved += usize::from(name.ends_with(".db"));
+        }
+    }
+    assert!(
+        moved >= NAMES - 2,
+        "only {moved} databases were outside the first byte's shard"
+    );
+
+    node.start().await;
+    disk = Crash::PowerCut(disk).strike(&mut node).into_disk();
+    node.start().await;
+    for (i, name) in names.iter().enumerate() {
+        let expected: BTreeSet<i64> = if i < NAMES / 2 {
+            (0..20).chain(100..120).collect()
+        } else {
+            (0..20).collect()
+        };
+        assert_eq!(
+            column(&node, name, "SELECT seq FROM t ORDER BY seq").await,
+            expected,
+            "{name}"
+        );
+    }
+    let databases: Vec<_> = common::files_under(&objects)
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "db"))
+        .collect();
+    assert_eq!(databases.len(), NAMES, "{databases:?}");
+    for db in databases {
+        let stem = db
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("stem")
+            .to_string();
+        let shard = db
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|s| s.to_str())
+            .expect("shard");
+        assert_eq!(
+            shard,
+            &stem[62..64],
+            "{} is not in its ID's shard",
+            db.display()
+        );
+    }
+    node.kill9();
+    drop(disk);
 }

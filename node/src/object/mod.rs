@@ -13,7 +13,8 @@ pub mod sql;
 mod sqlite_memory;
 pub mod values;
 
-pub use registry::{ObjectEnv, Objects, db_path, sqlite_memory_used};
+pub use crate::storage::layout::db_path;
+pub use registry::{ObjectEnv, Objects, sqlite_memory_used};
 
 use crate::error::ApiError;
 

@@ -15,6 +15,7 @@ use crate::id::ObjectId;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::namespace::Namespace;
+use crate::storage::layout::db_path;
 use crate::storage::log::NodeLog;
 use crate::storage::record::ObjectKey;
 use crate::storage::record::SlotKey;
@@ -76,7 +77,7 @@ impl ObjectEnv {
         }
     }
 
-    /// `objects/<namespace>/<first two hex digits>/<id>.db`
+    /// `objects/<namespace>/<shard>/<id>.db` ([`crate::storage::layout`])
     pub fn db_path(&self, key: &ObjectKey) -> PathBuf {
         db_path(&self.objects_dir, key)
     }
@@ -121,14 +122,6 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-pub fn db_path(objects_dir: &std::path::Path, key: &ObjectKey) -> PathBuf {
-    let hex = key.id.to_hex();
-    objects_dir
-        .join(&*key.namespace)
-        .join(&hex[..2])
-        .join(format!("{hex}.db"))
 }
 
 struct HandleState {

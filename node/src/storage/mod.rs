@@ -2,6 +2,7 @@
 //! capture, and recovery.
 
 pub mod dirs;
+pub mod layout;
 pub mod log;
 pub mod record;
 pub mod recovery;
