@@ -15,6 +15,7 @@ use super::Cluster;
 use crate::error::ApiError;
 use crate::id::ObjectId;
 use crate::lsn::Lsn;
+use crate::storage::layout;
 use crate::storage::log::Append;
 use crate::storage::record::{
     Checkpoint, ObjectKey, RecordKind, SlotKey, SlotPos, encode_checkpoint,
@@ -22,7 +23,7 @@ use crate::storage::record::{
 use crate::storage::recovery::remove_database_files;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,28 +46,34 @@ pub struct Manifest {
 /// Header carrying a snapshot's slot position (`epoch/seq`).
 pub const SNAPSHOT_LSN_HEADER: &str = "x-colony-lsn";
 
-/// Objects of `slot` with a database file under `objects_dir`.
-pub fn local_objects(cl: &Cluster, objects_dir: &Path, slot: &SlotKey) -> Vec<ObjectKey> {
+/// Objects of `slot` with a database file under `objects_dir`. Only the shards that can hold
+/// them are read (with the default 1,024 slots, one directory of 256 per namespace). A directory
+/// that cannot be read is an error, not an empty one: a follower deletes what the owner's list
+/// leaves out.
+pub fn local_objects(
+    cl: &Cluster,
+    objects_dir: &Path,
+    slot: &SlotKey,
+) -> std::io::Result<Vec<ObjectKey>> {
     let mut out = Vec::new();
     let map = cl.placement();
-    let Ok(namespaces) = std::fs::read_dir(objects_dir) else {
-        return out;
-    };
-    for ns in namespaces.flatten() {
-        let ns_name = ns.file_name().to_string_lossy().to_string();
-        let Ok(shards) = std::fs::read_dir(ns.path()) else {
+    let wanted = layout::shards_of_slot(slot.slot, map.slot_count);
+    for ns in entries(objects_dir)? {
+        let ns = ns?;
+        if !ns.file_type()?.is_dir() {
             continue;
+        }
+        let ns_name = ns.file_name().to_string_lossy().to_string();
+        let shard_dirs: Vec<PathBuf> = match &wanted {
+            Some(shards) => shards.iter().map(|s| ns.path().join(s)).collect(),
+            None => entries(&ns.path())?
+                .map(|s| s.map(|s| s.path()))
+                .collect::<std::io::Result<_>>()?,
         };
-        for shard in shards.flatten() {
-            let Ok(files) = std::fs::read_dir(shard.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let name = f.file_name().to_string_lossy().to_string();
-                let Some(hex) = name.strip_suffix(".db") else {
-                    continue;
-                };
-                let Ok(id) = hex.parse::<ObjectId>() else {
+        for shard in shard_dirs {
+            for f in entries(&shard)? {
+                let name = f?.file_name().to_string_lossy().to_string();
+                let Some(Ok(id)) = name.strip_suffix(".db").map(str::parse::<ObjectId>) else {
                     continue;
                 };
                 let in_slot = cl
@@ -78,7 +85,26 @@ pub fn local_objects(cl: &Cluster, objects_dir: &Path, slot: &SlotKey) -> Vec<Ob
             }
         }
     }
-    out
+    Ok(out)
+}
+
+/// The entries of `dir`; none when it does not exist, or is not a directory.
+fn entries(
+    dir: &Path,
+) -> std::io::Result<impl Iterator<Item = std::io::Result<std::fs::DirEntry>>> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => Ok(Some(entries).into_iter().flatten()),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.kind() == std::io::ErrorKind::NotADirectory =>
+        {
+            Ok(None.into_iter().flatten())
+        }
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", dir.display()),
+        )),
+    }
 }
 
 /// The owner's side: its position, then the objects it holds (see the module comment for why
@@ -96,6 +122,7 @@ pub fn manifest(cl: &Arc<Cluster>, slot: &SlotKey) -> Result<Manifest, ApiError>
         ));
     };
     let objects = local_objects(cl, &cl.data_dir.join("objects"), slot)
+        .map_err(|e| ApiError::internal(format!("cannot list the objects of slot {slot}: {e}")))?
         .into_iter()
         .map(|o| ManifestObject {
             namespace: o.namespace.to_string(),
@@ -223,7 +250,9 @@ async fn run(
         wanted.insert(object);
     }
     // What only this node had is not the owner's history.
-    for local in local_objects(cl, &objects_dir, key) {
+    let locals = local_objects(cl, &objects_dir, key)
+        .map_err(|e| format!("cannot list this node's objects of the slot: {e}"))?;
+    for local in locals {
         if !wanted.contains(&local) {
             let path = crate::object::db_path(&objects_dir, &local);
             remove_database_files(&path).map_err(|e| e.to_string())?;

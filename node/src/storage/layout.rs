@@ -29,6 +29,24 @@ pub fn db_path(objects_dir: &Path, key: &ObjectKey) -> PathBuf {
         .join(format!("{}.db", key.id.to_hex()))
 }
 
+/// The shards that can hold objects of `slot` among `slot_count` slots, or `None` for all of
+/// them. An ID's slot is a number ending in its last byte modulo `slot_count` (see
+/// [`ObjectId::slot`]); when `slot_count` is a power of two the slot's low bits are the byte's,
+/// so a slot's objects lie in one shard (256 slots or more) or in `256 / slot_count`.
+pub fn shards_of_slot(slot: u32, slot_count: u32) -> Option<Vec<String>> {
+    if !slot_count.is_power_of_two() {
+        return None;
+    }
+    let step = slot_count.min(256);
+    let first = slot % step;
+    Some(
+        (first..256)
+            .step_by(step as usize)
+            .map(|byte| format!("{byte:02x}"))
+            .collect(),
+    )
+}
+
 /// What [`place_object_files`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Placed {
@@ -175,6 +193,39 @@ mod tests {
             PathBuf::from(format!("/data/objects/default/ab/{}.db", k.id.to_hex()))
         );
         assert_eq!(shard(&id(1, 0x07)), "07");
+    }
+
+    #[test]
+    fn a_slot_s_objects_lie_in_the_shards_named_for_it() {
+        for slot_count in 1..=2048u32 {
+            for _ in 0..64 {
+                let id = ObjectId::from_bytes(rand::random());
+                let slot = id.slot(slot_count);
+                match shards_of_slot(slot, slot_count) {
+                    None => assert!(!slot_count.is_power_of_two(), "{slot_count}"),
+                    Some(shards) => {
+                        assert!(
+                            shards.contains(&shard(&id)),
+                            "{id} (slot {slot} of {slot_count}) is in shard {}, not in {shards:?}",
+                            shard(&id)
+                        );
+                        assert_eq!(shards.len(), (256 / slot_count).max(1) as usize);
+                    }
+                }
+            }
+        }
+        // Every shard belongs to exactly one slot of a power-of-two count.
+        for slot_count in [1u32, 2, 64, 256, 1024] {
+            let mut all: Vec<String> = (0..slot_count)
+                .flat_map(|s| shards_of_slot(s, slot_count).expect("power of two"))
+                .collect();
+            all.sort();
+            let expected: Vec<String> = (0..256)
+                .map(|b| format!("{b:02x}"))
+                .flat_map(|b| std::iter::repeat_n(b, (slot_count / 256).max(1) as usize))
+                .collect();
+            assert_eq!(all, expected, "{slot_count}");
+        }
     }
 
     #[test]
