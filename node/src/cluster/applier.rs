@@ -47,6 +47,8 @@ pub struct Applier {
     new_dirs: Arc<PendingDirs>,
     /// The node's objects whose file failed to sync, for the same two.
     sync_failures: Arc<SyncFailures>,
+    /// Makes the serving objects' checkpointed files durable and logs their markers.
+    object_markers: Arc<Checkpointer>,
 }
 
 /// How long pages are held before they are written and made durable. Longer holds write a hot
@@ -74,6 +76,12 @@ impl Applier {
         let (tx, rx) = mpsc::channel();
         let new_dirs = Arc::new(PendingDirs::default());
         let sync_failures = Arc::new(SyncFailures::new(sync_failed));
+        let object_markers = Arc::new(Checkpointer::start(
+            "colony-markers",
+            log.clone(),
+            new_dirs.clone(),
+            sync_failures.clone(),
+        )?);
         let mut worker = Worker::new(
             objects_dir,
             namespaces,
@@ -89,17 +97,24 @@ impl Applier {
             tx,
             new_dirs,
             sync_failures,
+            object_markers,
         })
     }
 
-    /// Directories whose entries changed and are not yet durable, for the whole node: a serving
-    /// object syncs them before its checkpoint marker, as the applier's checkpointer does.
+    /// Where a serving object submits a checkpointed file and its marker: the marker is logged
+    /// once the file and the node's pending directories are durable.
+    pub fn object_markers(&self) -> &Arc<Checkpointer> {
+        &self.object_markers
+    }
+
+    /// Directories whose entries changed and are not yet durable, for the whole node: both
+    /// checkpointers sync them before they log a marker.
     pub fn new_dirs(&self) -> &Arc<PendingDirs> {
         &self.new_dirs
     }
 
-    /// Objects whose database file failed to sync, for the whole node: neither a serving object
-    /// nor the applier's checkpointer logs a marker for one until it is rebuilt.
+    /// Objects whose database file failed to sync, for the whole node: neither checkpointer logs
+    /// a marker for one until it is rebuilt.
     pub fn sync_failures(&self) -> &Arc<SyncFailures> {
         &self.sync_failures
     }
@@ -161,7 +176,12 @@ impl Worker {
             objects_dir,
             log_dir,
             namespaces,
-            checkpointer: Checkpointer::start(log, new_dirs.clone(), sync_failures.clone())?,
+            checkpointer: Checkpointer::start(
+                "colony-checkpoint",
+                log,
+                new_dirs.clone(),
+                sync_failures.clone(),
+            )?,
             held: HashMap::new(),
             held_bytes: 0,
             unwritten: HashMap::new(),

@@ -1,5 +1,6 @@
-//! Makes the applier's writes durable, then logs checkpoint markers for them so the node log can
-//! retire the segments that held their entries.
+//! Makes database files durable, then logs checkpoint markers for them so the node log can retire
+//! the segments that held their entries. Two run on each node: one for the applier's writes, one
+//! for the checkpoints of the objects the node serves.
 //!
 //! Each written file is synced on its own (`fdatasync`), and each directory whose entries changed.
 //! An earlier version synced the whole filesystem (`syncfs`) once a second: on a machine running
@@ -7,7 +8,11 @@
 //! log syncs queued behind that burst — the replicated p99 latency nearly halved without it.
 //!
 //! It runs on its own thread so the applier keeps applying (a promotion waits on the applier, not
-//! on durability: the entries are durable in the log already).
+//! on durability: the entries are durable in the log already), and a serving object keeps
+//! serving. Everything submitted while it works is done as one batch, with one sync of the
+//! pending directories. (Serving objects used to sync and log on a blocking thread each: under a
+//! burst of checkpoints hundreds of them queued for the directories, and new objects, which open
+//! their files on blocking threads too, waited for a free one.)
 //!
 //! A file that fails to sync marks its object in the node's [`SyncFailures`]: no marker for it,
 //! from this batch or a later one, until the file is rebuilt from the log (see there).
@@ -40,14 +45,16 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
+    /// `name` names its thread.
     pub fn start(
+        name: &str,
         log: NodeLog,
         new_dirs: Arc<PendingDirs>,
         sync_failures: Arc<SyncFailures>,
     ) -> std::io::Result<Checkpointer> {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
-            .name("colony-checkpoint".into())
+            .name(name.into())
             .spawn(move || run(&log, &new_dirs, &sync_failures, rx))?;
         Ok(Checkpointer {
             tx: Some(tx),
@@ -74,8 +81,14 @@ impl Checkpointer {
 }
 
 fn run(log: &NodeLog, new_dirs: &PendingDirs, failures: &SyncFailures, rx: Receiver<Durable>) {
-    while let Ok(batch) = rx.recv() {
-        for c in make_durable(batch.files, new_dirs, failures, sync_data) {
+    while let Ok(first) = rx.recv() {
+        let mut files = first.files;
+        let mut done: Vec<Sender<()>> = first.done.into_iter().collect();
+        while let Ok(more) = rx.try_recv() {
+            files.extend(more.files);
+            done.extend(more.done);
+        }
+        for c in make_durable(files, new_dirs, failures, sync_data) {
             let logged = failures.log_marker(&c.object, || {
                 log.append(Append {
                     kind: RecordKind::Checkpoint,
@@ -89,8 +102,8 @@ fn run(log: &NodeLog, new_dirs: &PendingDirs, failures: &SyncFailures, rx: Recei
                 tracing::warn!(error = %e, "checkpoint marker held back");
             }
         }
-        if let Some(done) = batch.done {
-            let _ = done.send(());
+        for d in done {
+            let _ = d.send(());
         }
     }
 }
@@ -146,6 +159,59 @@ mod tests {
             upto: u64::from(n),
             slot_lsn: Lsn::new(1, u64::from(n)),
         }
+    }
+
+    /// The thread end to end: what is submitted is logged once durable, every batch is answered,
+    /// and a batch held back by a directory that cannot be synced logs nothing (the log keeps
+    /// covering its files; their next checkpoint brings a new marker).
+    #[test]
+    fn submitted_markers_are_logged_once_their_files_and_directories_are_durable() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let log_dir = tmp.path().join("log");
+        let runner = crate::storage::log::start_for_test(&log_dir);
+        let log = runner.log();
+        let pending = Arc::new(PendingDirs::default());
+        let failures = Arc::new(SyncFailures::default());
+        let mut checkpointer =
+            Checkpointer::start("test-markers", log.clone(), pending.clone(), failures)
+                .expect("start");
+        let file = tmp.path().join("o.db");
+        std::fs::write(&file, b"pages").expect("write");
+        let logged = || {
+            log.sync().expect("log sync");
+            crate::storage::recovery::checkpoint_markers(&log_dir)
+                .iter()
+                .map(|c| c.upto)
+                .collect::<Vec<_>>()
+        };
+        let submit = |n: u8| {
+            let (tx, rx) = mpsc::channel();
+            checkpointer.submit(Durable {
+                files: vec![(file.clone(), marker(n))],
+                done: Some(tx),
+            });
+            rx
+        };
+
+        let missing = tmp.path().join("not-yet");
+        pending.add([missing.clone()]);
+        let answers = [submit(1), submit(2)];
+        for a in answers {
+            a.recv_timeout(std::time::Duration::from_secs(10))
+                .expect("answered");
+        }
+        assert_eq!(logged(), Vec::<u64>::new(), "held back by the directory");
+        assert_eq!(pending.pending(), vec![missing.clone()]);
+
+        std::fs::create_dir(&missing).expect("mkdir");
+        let answers = [submit(3), submit(4)];
+        for a in answers {
+            a.recv_timeout(std::time::Duration::from_secs(10))
+                .expect("answered");
+        }
+        assert_eq!(logged(), vec![3, 4]);
+        assert!(pending.is_empty());
+        checkpointer.stop();
     }
 
     /// Written files and removed ones (their delete comes later) get their markers, but only

@@ -4,16 +4,13 @@
 use super::db::{Committed, ObjectDb, WalReuse};
 use super::registry::{ObjectEnv, ObjectHandle};
 use super::{Reply, Request, kv, sql};
+use crate::cluster::checkpointer::Durable;
 use crate::cluster::slot::Slot;
 use crate::error::ApiError;
 use crate::lsn::Lsn;
-use crate::storage::dirs::PendingDirs;
-use crate::storage::log::{Append, NodeLog};
-use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind, encode_checkpoint};
+use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind};
 use crate::storage::recovery;
-use crate::storage::sync_failures::SyncFailures;
 use serde_json::json;
-use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -351,7 +348,7 @@ impl Actor {
         if let Some(dir) = path.parent().filter(|d| d.is_dir()) {
             env.new_dirs.add([dir.to_path_buf()]);
         }
-        log_marker_once_durable(env, None, handle.key.clone(), delete_lsn, self.last_lsn);
+        log_marker_once_durable(env, handle.key.clone(), delete_lsn, self.last_lsn);
         handle.ns.mark_empty(&handle.key.id);
         env.metrics.objects.database_bytes.dec_by(size as i64);
         to_body(&json!({ "id": handle.key.id.to_hex(), "deleted": existed }))
@@ -400,13 +397,13 @@ impl Actor {
             return;
         };
         match db.checkpoint(reuse) {
-            Ok(Some(file)) => {
+            Ok(true) => {
                 env.metrics.objects.checkpoints.inc();
                 // Only the log position: the object's newest slot position may belong to an entry
                 // that never became durable, and a skip by slot position could hide its successor.
-                log_marker_once_durable(env, Some(file), handle.key.clone(), upto, Lsn::ZERO);
+                log_marker_once_durable(env, handle.key.clone(), upto, Lsn::ZERO);
             }
-            Ok(None) => {}
+            Ok(false) => {}
             Err(e) => {
                 tracing::warn!(object = %handle.key, error = %e, "checkpoint failed; will retry")
             }
@@ -492,7 +489,7 @@ impl Actor {
             }
             if replayed_below > 0 {
                 let upto = replayed_below - 1;
-                log_marker_once_durable(env, None, handle.key.clone(), upto, Lsn::ZERO);
+                log_marker_once_durable(env, handle.key.clone(), upto, Lsn::ZERO);
             }
         }
     }
@@ -523,136 +520,20 @@ impl Actor {
     }
 }
 
-/// Logs the object's checkpoint marker once `file` (the checkpointed database, if any) and the
-/// node's pending directories are durable (see `storage::dirs`), off the actor's thread so the
-/// object keeps serving meanwhile. Until then, or if that fails, the log keeps covering it.
-fn log_marker_once_durable(
-    env: &ObjectEnv,
-    file: Option<Arc<File>>,
-    object: ObjectKey,
-    upto: u64,
-    slot_lsn: Lsn,
-) {
-    let (log, new_dirs) = (env.log.clone(), env.new_dirs.clone());
-    let failures = env.sync_failures.clone();
-    env.spawn_blocking(move || {
-        let marker = Checkpoint {
-            object,
-            upto,
-            slot_lsn,
-        };
-        let sync = || file.as_deref().map_or(Ok(()), File::sync_data);
-        if let Err(e) = append_marker_once_durable(&log, &new_dirs, &failures, sync, marker) {
-            tracing::warn!(error = %e, "cannot make a database or its directory durable; the log keeps covering it");
-        }
+/// Logs the object's checkpoint marker once its database file (if it still has one) and the
+/// node's pending directories are durable (see `storage::dirs`), on the node's marker thread so
+/// the object keeps serving meanwhile. Until then, or if that fails, the log keeps covering it.
+fn log_marker_once_durable(env: &ObjectEnv, object: ObjectKey, upto: u64, slot_lsn: Lsn) {
+    let file = env.db_path(&object);
+    env.markers.submit(Durable {
+        files: vec![(
+            file,
+            Checkpoint {
+                object,
+                upto,
+                slot_lsn,
+            },
+        )],
+        done: None,
     });
-}
-
-/// `sync_file` makes the object's database durable (a delete has none left to sync).
-fn append_marker_once_durable(
-    log: &NodeLog,
-    new_dirs: &PendingDirs,
-    failures: &SyncFailures,
-    sync_file: impl FnOnce() -> std::io::Result<()>,
-    marker: Checkpoint,
-) -> std::io::Result<()> {
-    failures.sync_file(&marker.object, sync_file)?;
-    new_dirs.sync()?;
-    let key = marker.object.clone();
-    failures.log_marker(&key, || {
-        log.append(Append {
-            kind: RecordKind::Checkpoint,
-            payload: encode_checkpoint(&marker).into(),
-            object: marker.object,
-            fence: None,
-            done: Box::new(|_| {}),
-        })
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::id::ObjectId;
-
-    /// A marker waits for the pending directories: while one cannot be synced (here, it does not
-    /// exist yet) nothing is logged and the directory stays pending; once it syncs, the marker
-    /// is in the log.
-    #[test]
-    fn a_marker_is_logged_only_once_the_pending_directories_are_synced() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let log_dir = tmp.path().join("log");
-        let runner = crate::storage::log::start_for_test(&log_dir);
-        let log = runner.log();
-        let pending = PendingDirs::default();
-        let dir = tmp.path().join("objects");
-        pending.add([dir.clone()]);
-        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
-        let marker = || Checkpoint {
-            object: object.clone(),
-            upto: 41,
-            slot_lsn: Lsn::new(1, 2),
-        };
-        let markers_logged = || {
-            log.sync().expect("log sync");
-            recovery::checkpoint_markers(&log_dir)
-        };
-
-        let failures = SyncFailures::default();
-        let no_file = || Ok(());
-        assert!(append_marker_once_durable(&log, &pending, &failures, no_file, marker()).is_err());
-        assert!(markers_logged().is_empty(), "no marker before the sync");
-        assert_eq!(pending.pending(), vec![dir.clone()], "still pending");
-
-        std::fs::create_dir(&dir).expect("mkdir");
-        append_marker_once_durable(&log, &pending, &failures, no_file, marker())
-            .expect("synced and logged");
-        assert!(pending.is_empty());
-        let logged = markers_logged();
-        assert_eq!(logged.len(), 1);
-        assert_eq!(
-            (&logged[0].object, logged[0].upto, logged[0].slot_lsn),
-            (&object, 41, Lsn::new(1, 2))
-        );
-    }
-
-    /// A database that failed to sync gets no marker, even after a later sync of it succeeds
-    /// (the failed writeback's pages may be lost), until it is rebuilt from the log.
-    #[test]
-    fn a_database_that_failed_to_sync_gets_no_marker_until_it_is_rebuilt() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let log_dir = tmp.path().join("log");
-        let runner = crate::storage::log::start_for_test(&log_dir);
-        let log = runner.log();
-        let pending = PendingDirs::default();
-        let failures = SyncFailures::default();
-        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([9; 32]));
-        let marker = |upto| Checkpoint {
-            object: object.clone(),
-            upto,
-            slot_lsn: Lsn::ZERO,
-        };
-        let logged_uptos = || {
-            log.sync().expect("log sync");
-            let markers = recovery::checkpoint_markers(&log_dir);
-            markers.iter().map(|c| c.upto).collect::<Vec<_>>()
-        };
-        let failing = || Err(std::io::Error::other("injected writeback error"));
-
-        append_marker_once_durable(&log, &pending, &failures, || Ok(()), marker(10))
-            .expect("a clean checkpoint");
-        assert!(
-            append_marker_once_durable(&log, &pending, &failures, failing, marker(20)).is_err()
-        );
-        assert!(
-            append_marker_once_durable(&log, &pending, &failures, || Ok(()), marker(30)).is_err(),
-            "a later clean sync is not believed"
-        );
-        assert_eq!(logged_uptos(), vec![10]);
-
-        failures.repair(&object, || Ok(())).expect("rebuilt");
-        append_marker_once_durable(&log, &pending, &failures, || Ok(()), marker(40))
-            .expect("markers resume after the rebuild");
-        assert_eq!(logged_uptos(), vec![10, 40]);
-    }
 }

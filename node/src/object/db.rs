@@ -17,7 +17,6 @@ use crate::storage::wal::{CapturedCommit, FRAME_HEADER_BYTES, WalReader};
 use rusqlite::config::DbConfig;
 use rusqlite::limits::Limit;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -64,8 +63,6 @@ pub struct ObjectDb {
     db_pages: u32,
     max_pages: u64,
     kv_table: Option<bool>,
-    /// Our own descriptor on the database file, to fsync it after checkpoints.
-    db_file: Arc<File>,
 }
 
 fn sqlite_err(e: rusqlite::Error) -> ApiError {
@@ -239,10 +236,6 @@ impl ObjectDb {
         let db_pages: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sqlite_err)?;
-        let db_file = Arc::new(
-            File::open(path)
-                .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?,
-        );
         new_dirs.add(changed_dirs);
         Ok(ObjectDb {
             conn,
@@ -258,7 +251,6 @@ impl ObjectDb {
             db_pages,
             max_pages,
             kv_table: None,
-            db_file,
         })
     }
 
@@ -409,13 +401,13 @@ impl ObjectDb {
         Ok(Some(captured))
     }
 
-    /// Copies every WAL frame into the database file and empties the WAL. Only call once the
-    /// node log holds every captured commit durably. The database file is *not* synced here:
-    /// the caller syncs the returned handle (off the actor's thread) before it records the
-    /// checkpoint, since until then the node log still covers everything.
-    pub fn checkpoint(&mut self, mode: WalReuse) -> Result<Option<Arc<File>>, ApiError> {
+    /// Copies every WAL frame into the database file and empties the WAL; false when there was
+    /// nothing to copy. Only call once the node log holds every captured commit durably. The
+    /// database file is *not* synced here: the caller has it synced (off the actor's thread)
+    /// before it records the checkpoint, since until then the node log still covers everything.
+    pub fn checkpoint(&mut self, mode: WalReuse) -> Result<bool, ApiError> {
         if self.frames_captured == 0 {
-            return Ok(None);
+            return Ok(false);
         }
         let pragma = match mode {
             WalReuse::Keep => "PRAGMA wal_checkpoint(RESTART)",
@@ -430,7 +422,7 @@ impl ObjectDb {
         }
         self.frames_captured = 0;
         self.wal_frames.store(0, Ordering::Release);
-        Ok(Some(self.db_file.clone()))
+        Ok(true)
     }
 
     pub fn path(&self) -> &Path {
@@ -775,7 +767,7 @@ mod tests {
         write(&mut db, "INSERT INTO t VALUES (printf('%.*c', 20000, 'a'))");
         write(&mut db, "UPDATE t SET v = printf('%.*c', 20000, 'b')");
         let grown = wal_len();
-        assert!(db.checkpoint(WalReuse::Keep).expect("checkpoint").is_some());
+        assert!(db.checkpoint(WalReuse::Keep).expect("checkpoint"));
         assert_eq!(wal_len(), grown, "a kept WAL keeps its length");
         let base = db.read_file().expect("read the checkpointed file");
 
@@ -804,11 +796,7 @@ mod tests {
             .expect("read the copy");
         assert_eq!(v, "c".repeat(20000));
 
-        assert!(
-            db.checkpoint(WalReuse::Release)
-                .expect("checkpoint")
-                .is_some()
-        );
+        assert!(db.checkpoint(WalReuse::Release).expect("checkpoint"));
         assert_eq!(wal_len(), 0, "a released WAL is emptied");
     }
 

@@ -46,6 +46,8 @@ pub struct ObjectEnv {
     /// Objects whose database file failed to sync (the applier's too): rebuilt from the log
     /// before they serve again, and no checkpoint marker for them until then.
     pub sync_failures: Arc<crate::storage::sync_failures::SyncFailures>,
+    /// Logs a checkpoint's marker once its file and the pending directories are durable.
+    pub markers: Arc<crate::cluster::checkpointer::Checkpointer>,
     resident: AtomicUsize,
     /// Client requests between their arrival at `Objects::call` and their answer.
     in_flight: AtomicUsize,
@@ -65,6 +67,7 @@ impl ObjectEnv {
         ObjectEnv {
             new_dirs: cluster.applier.new_dirs().clone(),
             sync_failures: cluster.applier.sync_failures().clone(),
+            markers: cluster.applier.object_markers().clone(),
             cluster,
             log,
             log_dir,

@@ -98,25 +98,38 @@ pub fn sync_dirs_up_to(
 
 #[derive(Default)]
 pub struct PendingDirs {
-    /// Held while syncing, so that a caller that finds the set empty knows every earlier entry
-    /// is durable (not merely being synced by another thread).
+    /// Directories noted and not yet taken by a sync. Held only briefly: a new object notes its
+    /// directory on its first request, which must not wait for a sync (object creation under
+    /// load was capped at about 1,100/s by that wait, with hundreds of threads queued on it).
     dirs: Mutex<BTreeSet<PathBuf>>,
+    /// Held by the one sync running. A sync starts after the running one ends, so when it returns
+    /// every directory noted before it was called is durable: synced by an earlier sync, or by
+    /// this one (a sync that fails puts back what it had not synced).
+    syncing: Mutex<()>,
 }
 
 impl PendingDirs {
+    fn dirs(&self) -> std::sync::MutexGuard<'_, BTreeSet<PathBuf>> {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Notes directories that gained entries.
     pub fn add(&self, dirs: impl IntoIterator<Item = PathBuf>) {
-        let mut pending = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-        pending.extend(dirs);
+        self.dirs().extend(dirs);
     }
 
     /// Syncs every pending directory. On an error the ones not yet synced stay pending.
     pub fn sync(&self) -> io::Result<()> {
-        let mut pending = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(dir) = pending.first().cloned() {
-            super::segments::sync_dir(&dir)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
-            pending.remove(&dir);
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = std::mem::take(&mut *self.dirs());
+        let mut left = taken.into_iter();
+        while let Some(dir) = left.next() {
+            if let Err(e) = super::segments::sync_dir(&dir) {
+                let mut dirs = self.dirs();
+                dirs.insert(dir.clone());
+                dirs.extend(left);
+                return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display())));
+            }
         }
         Ok(())
     }
@@ -124,15 +137,12 @@ impl PendingDirs {
     /// The directories still pending, in order.
     #[cfg(test)]
     pub fn pending(&self) -> Vec<PathBuf> {
-        self.dirs
-            .lock()
-            .map(|d| d.iter().cloned().collect())
-            .unwrap_or_default()
+        self.dirs().iter().cloned().collect()
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.dirs.lock().map(|d| d.len()).unwrap_or_default()
+        self.dirs().len()
     }
 
     #[cfg(test)]
@@ -224,6 +234,46 @@ mod tests {
         );
         std::fs::create_dir(&gone).expect("mkdir");
         pending.sync().expect("sync once it exists");
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn noting_a_directory_does_not_wait_for_a_running_sync_and_the_next_sync_takes_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let pending = std::sync::Arc::new(PendingDirs::default());
+        // A sync under way, as far as everyone else can tell.
+        let running = pending.syncing.lock().expect("sync turn");
+        let (noted_tx, noted_rx) = std::sync::mpsc::channel();
+        let noter = {
+            let (pending, dir) = (pending.clone(), root.path().to_path_buf());
+            std::thread::spawn(move || {
+                pending.add([dir]);
+                noted_tx.send(()).expect("send");
+            })
+        };
+        noted_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("add returned while a sync was running");
+        noter.join().expect("noter");
+
+        let (synced_tx, synced_rx) = std::sync::mpsc::channel();
+        let syncer = {
+            let pending = pending.clone();
+            std::thread::spawn(move || synced_tx.send(pending.sync()).expect("send"))
+        };
+        assert!(
+            synced_rx
+                .recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a second sync waits for the running one"
+        );
+        assert_eq!(pending.len(), 1, "nothing taken yet");
+        drop(running);
+        synced_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the second sync ran")
+            .expect("synced");
+        syncer.join().expect("syncer");
         assert!(pending.is_empty());
     }
 }
