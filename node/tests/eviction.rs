@@ -108,3 +108,44 @@ storage: { maxOpenObjects: 10000, memoryLimit: 4MiB, idleTimeout: 1h, logSegment
     let (s, v) = node.get("/v1/ns/default/names/e0/kv/value").await;
     assert_eq!((s, v["value"].as_u64()), (200, Some(0)));
 }
+
+/// The node's threads, from /proc.
+fn threads_of(node: &TestNode) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", node.pid()))
+        .expect("the node's threads")
+        .count()
+}
+
+/// Hundreds of objects going idle together close one after another on the housekeeping thread,
+/// not on a thread each (which grew the runtime's blocking pool to 512 threads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_objects_closing_at_once_do_not_take_a_thread_each() {
+    let node = TestNode::serve(
+        "listen: {listen}
+dataDir: {data}
+namespaces: [{name: default}]
+storage: { maxOpenObjects: 10000, idleTimeout: 2s, logSegmentBytes: 4MiB }
+",
+    )
+    .await;
+    put_many(&node, 600).await;
+    let before = threads_of(&node);
+    let resident = wait_for(
+        &node,
+        "colony_objects_resident",
+        |v| v == 0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(resident, 0.0, "idle objects close");
+    // Idle pool threads linger for seconds after their last task, so this counts every thread
+    // the closing took.
+    let after = threads_of(&node);
+    assert!(
+        after < before + 50,
+        "closing 600 objects took {} threads more ({before} before, {after} after)",
+        after.saturating_sub(before)
+    );
+    let (s, v) = node.get("/v1/ns/default/names/e599/kv/value").await;
+    assert_eq!((s, v["value"].as_u64()), (200, Some(599)));
+}

@@ -10,7 +10,7 @@
 //! can retire the segments holding their entries. Directories whose entries it changes (files
 //! created or removed) go into the node's [`PendingDirs`], synced before any checkpoint marker.
 
-use super::checkpointer::{Checkpointer, Durable};
+use super::checkpointer::{Checkpointer, DbFile, Durable};
 use super::slot::{Role, Slot};
 use crate::lsn::Lsn;
 use crate::namespace::Namespace;
@@ -269,7 +269,7 @@ impl Worker {
                     upto,
                     slot_lsn,
                 };
-                (path, marker)
+                (DbFile::Path(path), marker)
             })
             .collect();
         self.checkpointer.submit(Durable { files, done });

@@ -34,9 +34,24 @@ use std::sync::mpsc::{self, Receiver, Sender};
 
 /// Files written since the last batch, each with the marker to log once it is durable.
 pub struct Durable {
-    pub files: Vec<(PathBuf, Checkpoint)>,
+    pub files: Vec<(DbFile, Checkpoint)>,
     /// Answered once the batch is done (synced, or failed and logged).
     pub done: Option<Sender<()>>,
+}
+
+/// What a marker waits for.
+pub enum DbFile {
+    /// A file the applier wrote, synced through a descriptor opened for the sync. One removed
+    /// since counts as synced: only a later entry of its stream (a delete, or a snapshot sync that
+    /// dropped the object) removes a followed file.
+    Path(PathBuf),
+    /// A serving object's checkpointed file, synced through the object's own descriptor: also
+    /// when the file has been removed since (a close removes a file whose schema is empty, and
+    /// until that removal is durable a power cut brings back the name with whatever content was
+    /// synced), and a writeback error stays on the inode the descriptor holds open.
+    Open { path: PathBuf, file: Arc<File> },
+    /// Nothing to sync: a delete's marker, or a rebuild that synced the file itself.
+    Nothing,
 }
 
 pub struct Checkpointer {
@@ -108,8 +123,8 @@ fn run(log: &NodeLog, new_dirs: &PendingDirs, failures: &SyncFailures, rx: Recei
     }
 }
 
-/// `fdatasync` of a written file; one removed since counts as synced (its delete is a later
-/// entry, and the marker of a removed file covers nothing it could lose).
+/// `fdatasync` of a file the applier wrote; one removed since counts as synced (see
+/// [`DbFile::Path`]).
 fn sync_data(path: &Path) -> io::Result<()> {
     match File::open(path) {
         Ok(f) => f.sync_data(),
@@ -124,18 +139,26 @@ fn sync_data(path: &Path) -> io::Result<()> {
 /// marked in `failures`); a failed directory sync holds back every marker of the batch (a new
 /// file's name may not be durable).
 pub fn make_durable(
-    files: Vec<(PathBuf, Checkpoint)>,
+    files: Vec<(DbFile, Checkpoint)>,
     dirs: &PendingDirs,
     failures: &SyncFailures,
     sync: impl Fn(&Path) -> io::Result<()>,
 ) -> Vec<Checkpoint> {
     let mut ok = Vec::with_capacity(files.len());
-    for (path, checkpoint) in files {
-        let synced = failures.sync_file(&checkpoint.object, || sync(&path));
+    for (file, checkpoint) in files {
+        let synced = failures.sync_file(&checkpoint.object, || match &file {
+            DbFile::Path(path) => sync(path),
+            DbFile::Open { file, .. } => file.sync_data(),
+            DbFile::Nothing => Ok(()),
+        });
         match synced {
             Ok(()) => ok.push(checkpoint),
             Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "cannot sync a followed database file; its log entries are kept");
+                let path = match &file {
+                    DbFile::Path(path) | DbFile::Open { path, .. } => path.display().to_string(),
+                    DbFile::Nothing => String::new(),
+                };
+                tracing::error!(object = %checkpoint.object, file = %path, error = %e, "cannot sync a database file; its log entries are kept");
             }
         }
     }
@@ -187,7 +210,7 @@ mod tests {
         let submit = |n: u8| {
             let (tx, rx) = mpsc::channel();
             checkpointer.submit(Durable {
-                files: vec![(file.clone(), marker(n))],
+                files: vec![(DbFile::Path(file.clone()), marker(n))],
                 done: Some(tx),
             });
             rx
@@ -222,7 +245,12 @@ mod tests {
         let written = tmp.path().join("written.db");
         std::fs::write(&written, b"pages").expect("write");
         let removed = tmp.path().join("removed.db");
-        let files = || vec![(written.clone(), marker(1)), (removed.clone(), marker(2))];
+        let files = || {
+            vec![
+                (DbFile::Path(written.clone()), marker(1)),
+                (DbFile::Path(removed.clone()), marker(2)),
+            ]
+        };
         let pending = PendingDirs::default();
         let missing = tmp.path().join("not-yet");
         pending.add([tmp.path().to_path_buf(), missing.clone()]);
@@ -258,7 +286,12 @@ mod tests {
             upto: n,
             ..marker(object)
         };
-        let batch = |n: u64| vec![(good.clone(), at(1, n)), (bad.clone(), at(2, n + 1))];
+        let batch = |n: u64| {
+            vec![
+                (DbFile::Path(good.clone()), at(1, n)),
+                (DbFile::Path(bad.clone()), at(2, n + 1)),
+            ]
+        };
         let pending = PendingDirs::default();
         let failures = SyncFailures::default();
         let bad_fails = |p: &Path| {

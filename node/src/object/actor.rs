@@ -4,13 +4,14 @@
 use super::db::{Committed, ObjectDb, WalReuse};
 use super::registry::{ObjectEnv, ObjectHandle};
 use super::{Reply, Request, kv, sql};
-use crate::cluster::checkpointer::Durable;
+use crate::cluster::checkpointer::{DbFile, Durable};
 use crate::cluster::slot::Slot;
 use crate::error::ApiError;
 use crate::lsn::Lsn;
 use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind};
 use crate::storage::recovery;
 use serde_json::json;
+use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -348,7 +349,7 @@ impl Actor {
         if let Some(dir) = path.parent().filter(|d| d.is_dir()) {
             env.new_dirs.add([dir.to_path_buf()]);
         }
-        log_marker_once_durable(env, handle.key.clone(), delete_lsn, self.last_lsn);
+        log_marker_once_durable(env, None, handle.key.clone(), delete_lsn, self.last_lsn);
         handle.ns.mark_empty(&handle.key.id);
         env.metrics.objects.database_bytes.dec_by(size as i64);
         to_body(&json!({ "id": handle.key.id.to_hex(), "deleted": existed }))
@@ -397,13 +398,13 @@ impl Actor {
             return;
         };
         match db.checkpoint(reuse) {
-            Ok(true) => {
+            Ok(Some(file)) => {
                 env.metrics.objects.checkpoints.inc();
                 // Only the log position: the object's newest slot position may belong to an entry
                 // that never became durable, and a skip by slot position could hide its successor.
-                log_marker_once_durable(env, handle.key.clone(), upto, Lsn::ZERO);
+                log_marker_once_durable(env, Some(file), handle.key.clone(), upto, Lsn::ZERO);
             }
-            Ok(false) => {}
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(object = %handle.key, error = %e, "checkpoint failed; will retry")
             }
@@ -489,7 +490,7 @@ impl Actor {
             }
             if replayed_below > 0 {
                 let upto = replayed_below - 1;
-                log_marker_once_durable(env, handle.key.clone(), upto, Lsn::ZERO);
+                log_marker_once_durable(env, None, handle.key.clone(), upto, Lsn::ZERO);
             }
         }
     }
@@ -520,11 +521,23 @@ impl Actor {
     }
 }
 
-/// Logs the object's checkpoint marker once its database file (if it still has one) and the
+/// Logs the object's checkpoint marker once `file` (the checkpointed database, if any) and the
 /// node's pending directories are durable (see `storage::dirs`), on the node's marker thread so
 /// the object keeps serving meanwhile. Until then, or if that fails, the log keeps covering it.
-fn log_marker_once_durable(env: &ObjectEnv, object: ObjectKey, upto: u64, slot_lsn: Lsn) {
-    let file = env.db_path(&object);
+fn log_marker_once_durable(
+    env: &ObjectEnv,
+    file: Option<Arc<File>>,
+    object: ObjectKey,
+    upto: u64,
+    slot_lsn: Lsn,
+) {
+    let file = match file {
+        Some(file) => DbFile::Open {
+            path: env.db_path(&object),
+            file,
+        },
+        None => DbFile::Nothing,
+    };
     env.markers.submit(Durable {
         files: vec![(
             file,

@@ -17,6 +17,7 @@ use crate::storage::wal::{CapturedCommit, FRAME_HEADER_BYTES, WalReader};
 use rusqlite::config::DbConfig;
 use rusqlite::limits::Limit;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -63,6 +64,8 @@ pub struct ObjectDb {
     db_pages: u32,
     max_pages: u64,
     kv_table: Option<bool>,
+    /// Our own descriptor on the database file, to fsync it after checkpoints.
+    db_file: Arc<File>,
 }
 
 fn sqlite_err(e: rusqlite::Error) -> ApiError {
@@ -236,6 +239,10 @@ impl ObjectDb {
         let db_pages: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sqlite_err)?;
+        let db_file = Arc::new(
+            File::open(path)
+                .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?,
+        );
         new_dirs.add(changed_dirs);
         Ok(ObjectDb {
             conn,
@@ -251,6 +258,7 @@ impl ObjectDb {
             db_pages,
             max_pages,
             kv_table: None,
+            db_file,
         })
     }
 
@@ -401,13 +409,13 @@ impl ObjectDb {
         Ok(Some(captured))
     }
 
-    /// Copies every WAL frame into the database file and empties the WAL; false when there was
-    /// nothing to copy. Only call once the node log holds every captured commit durably. The
-    /// database file is *not* synced here: the caller has it synced (off the actor's thread)
-    /// before it records the checkpoint, since until then the node log still covers everything.
-    pub fn checkpoint(&mut self, mode: WalReuse) -> Result<bool, ApiError> {
+    /// Copies every WAL frame into the database file and empties the WAL. Only call once the
+    /// node log holds every captured commit durably. The database file is *not* synced here:
+    /// the caller syncs the returned handle (off the actor's thread) before it records the
+    /// checkpoint, since until then the node log still covers everything.
+    pub fn checkpoint(&mut self, mode: WalReuse) -> Result<Option<Arc<File>>, ApiError> {
         if self.frames_captured == 0 {
-            return Ok(false);
+            return Ok(None);
         }
         let pragma = match mode {
             WalReuse::Keep => "PRAGMA wal_checkpoint(RESTART)",
@@ -422,7 +430,7 @@ impl ObjectDb {
         }
         self.frames_captured = 0;
         self.wal_frames.store(0, Ordering::Release);
-        Ok(true)
+        Ok(Some(self.db_file.clone()))
     }
 
     pub fn path(&self) -> &Path {
@@ -767,7 +775,7 @@ mod tests {
         write(&mut db, "INSERT INTO t VALUES (printf('%.*c', 20000, 'a'))");
         write(&mut db, "UPDATE t SET v = printf('%.*c', 20000, 'b')");
         let grown = wal_len();
-        assert!(db.checkpoint(WalReuse::Keep).expect("checkpoint"));
+        assert!(db.checkpoint(WalReuse::Keep).expect("checkpoint").is_some());
         assert_eq!(wal_len(), grown, "a kept WAL keeps its length");
         let base = db.read_file().expect("read the checkpointed file");
 
@@ -796,7 +804,11 @@ mod tests {
             .expect("read the copy");
         assert_eq!(v, "c".repeat(20000));
 
-        assert!(db.checkpoint(WalReuse::Release).expect("checkpoint"));
+        assert!(
+            db.checkpoint(WalReuse::Release)
+                .expect("checkpoint")
+                .is_some()
+        );
         assert_eq!(wal_len(), 0, "a released WAL is emptied");
     }
 

@@ -97,10 +97,6 @@ impl ObjectEnv {
         self.metrics.objects.resident.dec();
     }
 
-    pub fn spawn_blocking(&self, work: impl FnOnce() + Send + 'static) {
-        self.runtime.spawn_blocking(work);
-    }
-
     pub fn resident(&self) -> usize {
         self.resident.load(Ordering::Relaxed)
     }
@@ -226,6 +222,25 @@ impl Objects {
         }
     }
 
+    /// Queues `job` like [`Objects::enqueue`], but runs the object on this (blocking) thread
+    /// when no thread runs it yet. Housekeeping closes many objects in one pass (all that went
+    /// idle together, or an eighth of them past the memory limit): a blocking thread each grew the
+    /// runtime's pool to its 512 threads; here they close one after another.
+    fn run_here(&self, handle: &Arc<ObjectHandle>, job: Job) {
+        let mut st = handle.state();
+        if st.removed {
+            return; // no longer tracked: nothing open to close
+        }
+        st.mailbox.push_back(job);
+        if st.running {
+            return; // its thread takes the job
+        }
+        st.running = true;
+        drop(st);
+        self.env.metrics.objects.active.inc();
+        run(handle.clone(), self.env.clone());
+    }
+
     /// Runs `job` on this (async) thread when its object is idle — nothing queued, no thread
     /// running it, database open — and it finishes within the inline budget; otherwise queues it
     /// for a blocking thread, or gives it back when the object was not idle. Saves two thread
@@ -320,7 +335,7 @@ impl Objects {
             if !h.open.load(Ordering::Relaxed) {
                 closed.push(h);
             } else if now.saturating_sub(last) >= idle_ms {
-                self.enqueue(&h.ns, h.key.id, Job::Close(None));
+                self.run_here(&h, Job::Close(None));
             } else {
                 open_idle.push((last, h));
             }
@@ -340,7 +355,7 @@ impl Objects {
         if excess > 0 {
             open_idle.sort_by_key(|(last, _)| *last);
             for (_, h) in open_idle.into_iter().take(excess) {
-                self.enqueue(&h.ns, h.key.id, Job::Close(None));
+                self.run_here(&h, Job::Close(None));
             }
         }
         if !closed.is_empty() {

@@ -6,8 +6,9 @@
 //! can succeed with those pages never written. A checkpoint marker logged after that later sync
 //! would tell recovery the file holds entries it lost, and let the log retire them: acknowledged
 //! writes gone. So the first failure marks the object here, and from then on every marker for it
-//! is held back, by whichever thread would log it (the serving object's checkpoint, the
-//! follower's checkpointer): the log keeps every entry since the object's last good marker.
+//! is held back, by whichever thread would log it (the marker thread for the objects the node
+//! serves, the follower's checkpointer): the log keeps every entry since the object's last good
+//! marker.
 //!
 //! The mark goes when the file is rebuilt from those entries (a serving object does this before
 //! its next request, a follower's applier at the object's next entry, a restart's recovery for
