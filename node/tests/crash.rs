@@ -380,8 +380,28 @@ fn the_lazy_disk_keeps_what_was_synced_and_nothing_else() {
     );
     assert!(m.join("t").exists() && !m.join("t.tmp").exists());
 
+    // A second name in another directory, made durable there; the first name's removal is not.
+    fs::create_dir(m.join("d")).expect("mkdir d");
+    sync_dir();
+    fs::hard_link(m.join("a"), m.join("d/a2")).expect("link");
+    File::open(m.join("d"))
+        .and_then(|d| d.sync_all())
+        .expect("sync d");
+    fs::remove_file(m.join("a")).expect("unlink a");
+    assert_eq!(fs::read(m.join("d/a2")).expect("a2"), vec![1; 10_000]);
+    let disk = disk.power_cut();
+    assert_eq!(
+        fs::read(m.join("d/a2")).expect("a2"),
+        vec![1; 10_000],
+        "the synced second name"
+    );
+    assert_eq!(
+        fs::read(m.join("a")).expect("a"),
+        vec![1; 10_000],
+        "the removal was never synced"
+    );
     let counts = disk.counts();
-    assert_eq!(counts.power_cuts, 2);
+    assert_eq!(counts.power_cuts, 3);
     assert!(counts.pages_lost >= 3, "{counts:?}");
 }
 

@@ -55,19 +55,21 @@ pub struct Placed {
 }
 
 /// Moves every object database file under `objects_dir` that is not in its own shard (written
-/// by an older layout) into it, durably: the new names are synced before the old ones' removal
-/// is, so a power cut at any point leaves each file under at least one of its two names, and a
-/// later start finishes the move. An old name that survives beside the new one names the same
-/// file (the rename made it), and is removed; two different files of one object stop the start
-/// with an error naming both, since neither can be known to be the object's.
+/// by an older layout) into it, durably. Every file first gets its new name (a hard link), the new
+/// names are made durable, and only then are the old names removed and that made durable: a power
+/// cut at any point leaves each file under at least one durable name, and a later start finishes
+/// the move. (A rename would not do: with the old layout one directory can both gain and lose
+/// names, and syncing it could make a removal durable before the matching addition.) An old name
+/// found beside a new one of the same file is removed; two different files of one object stop
+/// the start with an error naming both, since neither can be known to be the object's.
 ///
 /// Only `<id>.db` moves. Its `-wal`, `-shm` and `-journal` companions stay behind for the startup
 /// scan to discard (the node log supersedes them), and names that are not an object ID are left
-/// alone. Must run before anything opens an object's file.
+/// alone. Must run before anything opens an object's file. A node of the older layout does not
+/// find files moved this way: going back to one is not supported.
 pub fn place_object_files(objects_dir: &Path) -> io::Result<Placed> {
-    let mut placed = Placed::default();
+    let mut linked: Vec<PathBuf> = Vec::new();
     let mut gained = BTreeSet::new();
-    let mut lost = BTreeSet::new();
     for ns_dir in subdirectories(objects_dir)? {
         for shard_dir in subdirectories(&ns_dir)? {
             for entry in fs::read_dir(&shard_dir)? {
@@ -86,10 +88,18 @@ pub fn place_object_files(objects_dir: &Path) -> io::Result<Placed> {
                 }
                 create_dir_all_durable(&home)?;
                 let (from, to) = (entry.path(), home.join(&name));
-                // Renaming a name onto another name of the same file changes nothing (POSIX).
-                let moved = match same_file(&from, &to)? {
-                    Some(true) => fs::remove_file(&from),
-                    None => fs::rename(&from, &to),
+                match same_file(&from, &to)? {
+                    Some(true) => {} // linked by an interrupted start
+                    None => fs::hard_link(&from, &to).map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!(
+                                "cannot link {} into {}: {e}",
+                                from.display(),
+                                home.display()
+                            ),
+                        )
+                    })?,
                     Some(false) => {
                         return Err(io::Error::new(
                             io::ErrorKind::AlreadyExists,
@@ -102,27 +112,24 @@ pub fn place_object_files(objects_dir: &Path) -> io::Result<Placed> {
                             ),
                         ));
                     }
-                };
-                moved.map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "cannot move {} into {}: {e}",
-                            from.display(),
-                            home.display()
-                        ),
-                    )
-                })?;
+                }
                 gained.insert(home);
-                lost.insert(shard_dir.clone());
-                placed.moved += 1;
+                linked.push(from);
             }
         }
     }
-    // The new names first: until they are durable the old ones must stay so.
     sync_dirs_up_to(gained, objects_dir)?;
+    let mut lost = BTreeSet::new();
+    for from in &linked {
+        fs::remove_file(from).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot remove {}: {e}", from.display()))
+        })?;
+        lost.extend(from.parent().map(Path::to_path_buf));
+    }
     sync_dirs_up_to(lost, objects_dir)?;
-    Ok(placed)
+    Ok(Placed {
+        moved: linked.len(),
+    })
 }
 
 /// Whether `b` names the file `a` names; `None` when `b` does not exist.
@@ -276,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn a_move_interrupted_after_the_rename_is_finished_by_the_next_start() {
+    fn a_move_interrupted_after_the_new_name_is_finished_by_the_next_start() {
         // A power cut after the new name became durable and before the old one's removal did
         // leaves the file under both names.
         let dir = tempfile::tempdir().expect("tempdir");

@@ -258,6 +258,19 @@ impl State {
         Ok(())
     }
 
+    /// A second name for the file `ino` (attributes always report one link; the kernel asks
+    /// again on every lookup).
+    fn link(&mut self, ino: u64, to_parent: u64, to_name: &OsStr) -> Result<u64, i32> {
+        if !matches!(self.inodes.get(&ino), Some(Inode::File(_))) {
+            return Err(libc::EPERM);
+        }
+        if self.dir(to_parent)?.entries.contains_key(to_name) {
+            return Err(libc::EEXIST);
+        }
+        self.dir(to_parent)?.entries.insert(to_name.to_owned(), ino);
+        Ok(ino)
+    }
+
     fn write(&mut self, ino: u64, offset: u64, bytes: &[u8]) -> Result<(), i32> {
         let f = self.file(ino)?;
         let end = offset as usize + bytes.len();
@@ -449,6 +462,18 @@ impl Filesystem for LazyFs {
     ) {
         let renamed = self.state().rename(parent, name, newparent, newname, flags);
         empty_reply(renamed, reply);
+    }
+
+    fn link(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let linked = self.state().link(ino, newparent, newname);
+        self.entry(linked, reply);
     }
 
     fn create(
