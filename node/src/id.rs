@@ -24,8 +24,8 @@ type HmacSha256 = Hmac<Sha256>;
 
 pub const ID_LEN: usize = 32;
 const BODY_LEN: usize = 16;
-const KIND_UNIQUE: u8 = 1;
-const KIND_NAMED: u8 = 2;
+pub(crate) const KIND_UNIQUE: u8 = 1;
+pub(crate) const KIND_NAMED: u8 = 2;
 
 /// A verified-or-not object ID. Obtain a verified one through [`IdKeys::verify`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

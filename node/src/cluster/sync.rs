@@ -15,6 +15,7 @@ use super::Cluster;
 use crate::error::ApiError;
 use crate::id::ObjectId;
 use crate::lsn::Lsn;
+use crate::storage::dirs::entries;
 use crate::storage::layout;
 use crate::storage::log::Append;
 use crate::storage::record::{
@@ -59,20 +60,17 @@ pub fn local_objects(
     let map = cl.placement();
     let wanted = layout::shards_of_slot(slot.slot, map.slot_count);
     for ns in entries(objects_dir)? {
-        let ns = ns?;
         if !ns.file_type()?.is_dir() {
             continue;
         }
         let ns_name = ns.file_name().to_string_lossy().to_string();
         let shard_dirs: Vec<PathBuf> = match &wanted {
             Some(shards) => shards.iter().map(|s| ns.path().join(s)).collect(),
-            None => entries(&ns.path())?
-                .map(|s| s.map(|s| s.path()))
-                .collect::<std::io::Result<_>>()?,
+            None => entries(&ns.path())?.iter().map(|s| s.path()).collect(),
         };
         for shard in shard_dirs {
             for f in entries(&shard)? {
-                let name = f?.file_name().to_string_lossy().to_string();
+                let name = f.file_name().to_string_lossy().to_string();
                 let Some(Ok(id)) = name.strip_suffix(".db").map(str::parse::<ObjectId>) else {
                     continue;
                 };
@@ -86,25 +84,6 @@ pub fn local_objects(
         }
     }
     Ok(out)
-}
-
-/// The entries of `dir`; none when it does not exist, or is not a directory.
-fn entries(
-    dir: &Path,
-) -> std::io::Result<impl Iterator<Item = std::io::Result<std::fs::DirEntry>>> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => Ok(Some(entries).into_iter().flatten()),
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                || e.kind() == std::io::ErrorKind::NotADirectory =>
-        {
-            Ok(None.into_iter().flatten())
-        }
-        Err(e) => Err(std::io::Error::new(
-            e.kind(),
-            format!("{}: {e}", dir.display()),
-        )),
-    }
 }
 
 /// The owner's side: its position, then the objects it holds (see the module comment for why

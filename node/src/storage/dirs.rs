@@ -96,6 +96,21 @@ pub fn sync_dirs_up_to(
     Ok(order)
 }
 
+/// The entries of `dir`, none when it does not exist or is not a directory. Any other error
+/// names the directory: a listing that cannot be read is not an empty one.
+pub fn entries(dir: &Path) -> io::Result<Vec<std::fs::DirEntry>> {
+    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", dir.display()));
+    match std::fs::read_dir(dir) {
+        Ok(listing) => listing.map(|e| e.map_err(with_path)).collect(),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
+        {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(with_path(e)),
+    }
+}
+
 #[derive(Default)]
 pub struct PendingDirs {
     /// Directories noted and not yet taken by a sync. Held only briefly: a new object notes its

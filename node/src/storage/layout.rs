@@ -7,9 +7,9 @@
 //! another. [`place_object_files`] moves files found in another shard into their own when the
 //! node starts, before recovery opens them.
 
-use super::dirs::{create_dir_all_durable, sync_dirs_up_to};
+use super::dirs::{create_dir_all_durable, entries, sync_dirs_up_to};
 use super::record::ObjectKey;
-use crate::id::{ID_LEN, ObjectId};
+use crate::id::{ID_LEN, KIND_NAMED, KIND_UNIQUE, ObjectId};
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
@@ -47,6 +47,10 @@ pub fn shards_of_slot(slot: u32, slot_count: u32) -> Option<Vec<String>> {
     )
 }
 
+/// The shards of the first-byte layout, one per kind of ID: the only directories a file of it
+/// can be in, so a start reads 2 of each namespace's 256 shards rather than every file.
+const OLD_SHARDS: [u8; 2] = [KIND_UNIQUE, KIND_NAMED];
+
 /// What [`place_object_files`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Placed {
@@ -54,8 +58,8 @@ pub struct Placed {
     pub moved: usize,
 }
 
-/// Moves every object database file under `objects_dir` that is not in its own shard (written
-/// by an older layout) into it, durably. Every file first gets its new name (a hard link), the new
+/// Moves every object database file of the first-byte layout under `objects_dir` into its own
+/// shard, durably. Every file first gets its new name (a hard link), the new
 /// names are made durable, and only then are the old names removed and that made durable: a power
 /// cut at any point leaves each file under at least one durable name, and a later start finishes
 /// the move. (A rename would not do: with the old layout one directory can both gain and lose
@@ -71,9 +75,9 @@ pub fn place_object_files(objects_dir: &Path) -> io::Result<Placed> {
     let mut linked: Vec<PathBuf> = Vec::new();
     let mut gained = BTreeSet::new();
     for ns_dir in subdirectories(objects_dir)? {
-        for shard_dir in subdirectories(&ns_dir)? {
-            for entry in fs::read_dir(&shard_dir)? {
-                let entry = entry?;
+        for kind in OLD_SHARDS {
+            let shard_dir = ns_dir.join(format!("{kind:02x}"));
+            for entry in entries(&shard_dir)? {
                 let name = entry.file_name();
                 let Some(id) = name
                     .to_str()
@@ -143,21 +147,14 @@ fn same_file(a: &Path, b: &Path) -> io::Result<Option<bool>> {
     Ok(Some(a.dev() == b.dev() && a.ino() == b.ino()))
 }
 
-/// The directories directly in `dir`, sorted (none when `dir` does not exist).
+/// The directories directly in `dir` (none when it does not exist).
 fn subdirectories(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
     let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry?;
+    for entry in entries(dir)? {
         if entry.file_type()?.is_dir() {
             out.push(entry.path());
         }
     }
-    out.sort();
     Ok(out)
 }
 
