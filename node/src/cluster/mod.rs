@@ -754,6 +754,14 @@ mod tests {
     /// Node "n1" of colo "c" (4 slots) over real files in `dir`, with no control plane: tests
     /// give it leases and placement maps themselves. Keep the runner: it stops the log.
     fn node_n1(dir: &std::path::Path) -> (crate::storage::log::LogRunner, Arc<Cluster>) {
+        node_n1_with_lease(dir, Some(Duration::from_secs(10)))
+    }
+
+    /// Node n1; a `lease_duration` of `None` makes it standalone.
+    fn node_n1_with_lease(
+        dir: &std::path::Path,
+        lease_duration: Option<Duration>,
+    ) -> (crate::storage::log::LogRunner, Arc<Cluster>) {
         let metrics = Metrics::new();
         let runner = crate::storage::log::start(&dir.join("log"), 64 << 10, 0, metrics.log.clone())
             .expect("log");
@@ -777,7 +785,7 @@ mod tests {
             region: "r".into(),
             advertise: "127.0.0.1:1".into(),
             source_address: None,
-            lease_duration: Some(Duration::from_secs(10)),
+            lease_duration,
             slot_count: 4,
             log: runner.log(),
             journal,
@@ -936,6 +944,31 @@ mod tests {
     /// one gap after another. The owner resends its recent entries once for them, not once per
     /// gap — that flood kept a follower just back from a full disk from being acknowledged for
     /// many seconds — and again only after a second, or once the link has reconnected.
+    /// A standalone node keeps no entries to resend (nothing ever receives from it); a node of a
+    /// cluster that owns a slot alone keeps them, for a follower that comes back.
+    #[test]
+    fn only_a_clustered_owner_keeps_entries_to_resend() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster) = node_n1_with_lease(dir.path(), None);
+        assert!(cluster.standalone);
+        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
+        let slot = cluster.serving_slot(&object).expect("n1 owns the slot");
+        for _ in 0..3 {
+            write_alone(&cluster, &slot, &object);
+        }
+        assert_eq!(slot.ring_len(), 0);
+        drop(runner);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster, object, slot) = n1_owning_every_slot_alone(dir.path());
+        assert!(!cluster.standalone);
+        for _ in 0..3 {
+            write_alone(&cluster, &slot, &object);
+        }
+        assert_eq!(slot.ring_len(), 3);
+        drop(runner);
+    }
+
     #[test]
     fn an_owner_resends_to_a_follower_once_for_a_run_of_gaps_at_the_same_position() {
         let dir = tempfile::tempdir().expect("tempdir");

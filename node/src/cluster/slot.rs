@@ -331,7 +331,7 @@ impl Slot {
             &frame,
             lone,
         );
-        push_ring(&mut st, frame, pos);
+        push_ring(&mut st, frame, pos, !cl.standalone);
         st.pending.push_back(Pending {
             pos,
             needed,
@@ -704,7 +704,7 @@ impl Slot {
         st.appended = pos;
         st.fenced = st.fenced.max(sender_epoch);
         let frame = append_frame(&entry, sender_epoch);
-        push_ring(&mut st, frame, pos);
+        push_ring(&mut st, frame, pos, true);
         let slot = self.clone();
         let cl2 = cl.clone();
         let reply = reply.clone();
@@ -932,6 +932,7 @@ impl Slot {
                 };
             }
         }
+        trim_ring(&mut st, !cl.standalone);
         let epoch = match st.role {
             Role::Owner { epoch, .. } => epoch,
             _ => 0,
@@ -1127,6 +1128,12 @@ impl Slot {
         }
     }
 
+    /// Entries kept to resend.
+    #[cfg(test)]
+    pub fn ring_len(&self) -> usize {
+        self.lock().ring.len()
+    }
+
     pub fn report(&self) -> SlotReport {
         let st = self.lock();
         let (role, phase, epoch) = match st.role {
@@ -1181,14 +1188,27 @@ impl Slot {
     }
 }
 
-fn push_ring(st: &mut SlotState, frame: Frame, pos: SlotPos) {
+fn push_ring(st: &mut SlotState, frame: Frame, pos: SlotPos, keep: bool) {
     let bytes = match &frame {
         Frame::Append { entry, .. } => entry.len(),
         _ => 0,
     };
     st.ring.push_back(RingEntry { frame, pos, bytes });
     st.ring_bytes += bytes;
-    while st.ring.len() > RING_ENTRIES || st.ring_bytes > RING_BYTES {
+    trim_ring(st, keep);
+}
+
+/// Drops the oldest ring entries beyond the limits. A standalone node (`keep` false) keeps none:
+/// nothing will ever receive from it, and its rings would hold up to [`RING_BYTES`] of every slot
+/// it owns (gigabytes with the default 1,024 slots) for no reader. The base moves to the newest
+/// entry dropped, so the ring's history stays consistent for [`ring_index_after`].
+fn trim_ring(st: &mut SlotState, keep: bool) {
+    let (max_entries, max_bytes) = if keep {
+        (RING_ENTRIES, RING_BYTES)
+    } else {
+        (0, 0)
+    };
+    while st.ring.len() > max_entries || st.ring_bytes > max_bytes {
         match st.ring.pop_front() {
             Some(old) => {
                 st.ring_bytes -= old.bytes;
@@ -1216,7 +1236,12 @@ fn seed_ring(st: &mut SlotState, recent: VecDeque<Entry>) {
     }
     st.ring_base = entries[first].position();
     for entry in &entries[first + 1..] {
-        push_ring(st, append_frame(entry, entry.lsn().epoch), entry.position());
+        push_ring(
+            st,
+            append_frame(entry, entry.lsn().epoch),
+            entry.position(),
+            true,
+        );
     }
 }
 
@@ -1425,6 +1450,35 @@ mod tests {
             (vec![tail_positions[1]], tail_positions[0])
         );
         assert_eq!(ring_of(SlotPos::START, vec![]), (vec![], SlotPos::START));
+    }
+
+    #[test]
+    fn a_standalone_node_keeps_no_ring() {
+        let entries = chain(6, SlotPos::START);
+        let positions: Vec<SlotPos> = entries.iter().map(Entry::position).collect();
+        let slot = Slot::new(
+            SlotKey::new("c", 0),
+            0,
+            positions[3],
+            HashMap::new(),
+            entries[..4].to_vec().into(),
+        );
+        let mut st = slot.lock();
+        // Recovered entries are kept until the node knows whether it is standalone.
+        assert_eq!(st.ring.len(), 3);
+        push_ring(&mut st, append_frame(&entries[4], 1), positions[4], true);
+        assert_eq!(st.ring.len(), 4);
+        assert!(st.ring_bytes > 0);
+        assert_eq!(st.ring_base, positions[0]);
+        // Standalone: the ring empties, and its base is the newest entry.
+        trim_ring(&mut st, false);
+        assert_eq!((st.ring.len(), st.ring_bytes), (0, 0));
+        assert_eq!(st.ring_base, positions[4]);
+        push_ring(&mut st, append_frame(&entries[5], 1), positions[5], false);
+        assert_eq!((st.ring.len(), st.ring_bytes), (0, 0));
+        assert_eq!(st.ring_base, positions[5]);
+        assert_eq!(ring_index_after(&st, positions[5]), Some(0));
+        assert_eq!(ring_index_after(&st, positions[4]), None);
     }
 
     #[test]
