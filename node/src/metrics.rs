@@ -77,6 +77,8 @@ pub struct ReplicationMetrics {
     pub log_failures: Counter,
     /// Requests forwarded to the owner of their object.
     pub forwarded: Counter,
+    /// Bytes of entries all slots keep in memory to resend to followers a little behind.
+    pub ring_bytes: Gauge,
 }
 
 /// All metrics of a node, registered in one registry.
@@ -245,6 +247,11 @@ impl Metrics {
             "requests_forwarded",
             "Requests forwarded to the owner of their object",
             replication.forwarded.clone(),
+        );
+        registry.register(
+            "replication_ring_bytes",
+            "Bytes of entries kept in memory to resend to followers a little behind",
+            replication.ring_bytes.clone(),
         );
         Arc::new(Metrics {
             registry,

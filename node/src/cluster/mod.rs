@@ -12,6 +12,7 @@ pub mod kubernetes;
 pub mod lease;
 pub mod links;
 pub mod peer_client;
+pub mod ring;
 pub mod slot;
 pub mod sync;
 pub mod wire;
@@ -61,6 +62,8 @@ pub struct Cluster {
     pub region: String,
     pub advertise: String,
     pub standalone: bool,
+    /// What the slots' rings (entries kept to resend) hold together.
+    pub rings: Arc<ring::RingBudget>,
     pub source_address: Option<IpAddr>,
     pub lease: Lease,
     pub log: NodeLog,
@@ -181,6 +184,7 @@ impl Cluster {
             region: setup.region,
             advertise: setup.advertise,
             standalone,
+            rings: ring::RingBudget::new(ring::NODE_RING_BYTES),
             source_address: setup.source_address,
             lease: match setup.lease_duration {
                 Some(d) => Lease::new(d),
@@ -250,6 +254,7 @@ impl Cluster {
                         init.positions.get(key).copied().unwrap_or_default(),
                         init.floors.get(key).cloned().unwrap_or_default(),
                         recent,
+                        self.rings.clone(),
                     ));
                     slots.insert(key.clone(), s.clone());
                     (s, true)
@@ -626,6 +631,10 @@ impl Cluster {
                     slot.poke(&cl);
                 }
                 round = round.wrapping_add(1);
+                cl.metrics
+                    .replication
+                    .ring_bytes
+                    .set(cl.rings.bytes() as i64);
                 if last_save.elapsed() > Duration::from_secs(2) {
                     last_save = Instant::now();
                     let c = cl.clone();

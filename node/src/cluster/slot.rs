@@ -8,6 +8,7 @@
 //! owner answers clients only while its lease is valid, once a quorum of voters holds the entry.
 
 use super::Cluster;
+use super::ring::{RING_ENTRIES, Ring, RingBudget};
 use super::wire::{FollowerState, Frame, append_frame, restamped};
 use crate::error::ApiError;
 use crate::lsn::Lsn;
@@ -96,16 +97,6 @@ const STALLED_FOLLOWER: Duration = Duration::from_secs(1);
 /// after it had recovered.
 pub(crate) const RESEND_INTERVAL: Duration = Duration::from_secs(1);
 
-/// An entry kept in memory to resend to followers that fall a little behind.
-struct RingEntry {
-    frame: Frame,
-    pos: SlotPos,
-    bytes: usize,
-}
-
-const RING_ENTRIES: usize = crate::storage::recovery::RECENT_ENTRIES;
-const RING_BYTES: usize = crate::storage::recovery::RECENT_BYTES;
-
 pub struct SlotState {
     pub role: Role,
     /// Entries of epochs below this are refused (a durable promise, see [`Slot::fence`]).
@@ -120,10 +111,8 @@ pub struct SlotState {
     generation: u64,
     pending: VecDeque<Pending>,
     progress: Vec<Progress>,
-    ring: VecDeque<RingEntry>,
-    ring_bytes: usize,
-    /// Position just before the oldest ring entry.
-    ring_base: SlotPos,
+    /// Entries kept to resend to receivers a little behind.
+    ring: Ring,
     /// The replica set this node last applied from the placement map.
     pub replicas: Option<SlotReplicas>,
     /// Write quorum configured (largest over the namespaces), for serving decisions.
@@ -185,13 +174,14 @@ fn not_owner(key: &SlotKey, why: &str) -> ApiError {
 
 impl Slot {
     /// A slot at `position`; `recent` are its newest entries in the local log (see
-    /// [`seed_ring`]).
+    /// [`seed_ring`]); its ring shares the node's `rings` budget.
     pub fn new(
         key: SlotKey,
         fenced: u64,
         position: SlotPos,
         floors: HashMap<ObjectKey, Lsn>,
         recent: VecDeque<Entry>,
+        rings: Arc<RingBudget>,
     ) -> Self {
         let mut state = SlotState {
             role: Role::None,
@@ -202,9 +192,7 @@ impl Slot {
             generation: 0,
             pending: VecDeque::new(),
             progress: Vec::new(),
-            ring: VecDeque::new(),
-            ring_bytes: 0,
-            ring_base: position,
+            ring: Ring::new(position, rings),
             replicas: None,
             configured_quorum: 1,
             syncing: false,
@@ -331,7 +319,7 @@ impl Slot {
             &frame,
             lone,
         );
-        push_ring(&mut st, frame, pos, !cl.standalone);
+        st.ring.push(frame, pos, !cl.standalone);
         st.pending.push_back(Pending {
             pos,
             needed,
@@ -393,9 +381,8 @@ impl Slot {
                     .collect();
                 if cl.standalone {
                     st.appended = st.durable;
-                    st.ring.clear();
-                    st.ring_bytes = 0;
-                    st.ring_base = st.durable;
+                    let durable = st.durable;
+                    st.ring.reset(durable);
                 } else if let Role::Owner { epoch, .. } = st.role {
                     st.role = Role::Owner {
                         epoch,
@@ -435,6 +422,8 @@ impl Slot {
     /// Releases what can be released (e.g. after the lease was renewed).
     pub fn poke(&self, cl: &Arc<Cluster>) {
         let mut st = self.lock();
+        // Keeps an idle slot's ring within its share while the node's rings are over budget.
+        st.ring.trim(!cl.standalone);
         let recovering = matches!(
             st.role,
             Role::Owner {
@@ -545,7 +534,7 @@ impl Slot {
                     let p = &mut st.progress[idx];
                     p.acked = p.acked.max(position.lsn);
                     p.stream = Stream::Streaming;
-                } else if let Some(from) = ring_index_after(&st, position) {
+                } else if let Some(from) = st.ring.index_after(position) {
                     // Only gaps are paced: a frame ahead of the follower's position answers with
                     // one, so a resend in flight draws one per frame. `Ok` answers a probe, which
                     // `poke` and reconnects already pace, and a probe may follow a log failure
@@ -565,9 +554,8 @@ impl Slot {
                         // tail from the old epoch must reach a quorum before it serves.
                         let frames: Vec<Frame> = st
                             .ring
-                            .iter()
-                            .skip(from)
-                            .map(|r| restamped(&r.frame, epoch))
+                            .frames_from(from)
+                            .map(|f| restamped(f, epoch))
                             .collect();
                         for f in frames {
                             cl.links.send(node, f);
@@ -693,7 +681,7 @@ impl Slot {
             return;
         }
         if !entry.follows(st.appended) {
-            if entry.lsn() <= st.appended.lsn && ring_has(&st, entry.position()) {
+            if entry.lsn() <= st.appended.lsn && st.ring.has(entry.position()) {
                 return; // a resend of something already here
             }
             cl.metrics_gap();
@@ -704,7 +692,7 @@ impl Slot {
         st.appended = pos;
         st.fenced = st.fenced.max(sender_epoch);
         let frame = append_frame(&entry, sender_epoch);
-        push_ring(&mut st, frame, pos, true);
+        st.ring.push(frame, pos, true);
         let slot = self.clone();
         let cl2 = cl.clone();
         let reply = reply.clone();
@@ -759,9 +747,8 @@ impl Slot {
                 cl.metrics_log_failure();
                 st.generation += 1;
                 st.appended = st.durable;
-                st.ring.clear();
-                st.ring_bytes = 0;
-                st.ring_base = st.durable;
+                let durable = st.durable;
+                st.ring.reset(durable);
                 let _ = reply.send(Frame::Status {
                     slot: self.key.clone(),
                     fenced: st.fenced,
@@ -932,7 +919,7 @@ impl Slot {
                 };
             }
         }
-        trim_ring(&mut st, !cl.standalone);
+        st.ring.trim(!cl.standalone);
         let epoch = match st.role {
             Role::Owner { epoch, .. } => epoch,
             _ => 0,
@@ -1172,9 +1159,7 @@ impl Slot {
         st.appended = position;
         st.durable = position;
         st.applied = position.lsn;
-        st.ring.clear();
-        st.ring_bytes = 0;
-        st.ring_base = position;
+        st.ring.reset(position);
         st.floors = floors;
         st.generation += 1;
     }
@@ -1185,37 +1170,6 @@ impl Slot {
 
     pub fn generation(&self) -> u64 {
         self.lock().generation
-    }
-}
-
-fn push_ring(st: &mut SlotState, frame: Frame, pos: SlotPos, keep: bool) {
-    let bytes = match &frame {
-        Frame::Append { entry, .. } => entry.len(),
-        _ => 0,
-    };
-    st.ring.push_back(RingEntry { frame, pos, bytes });
-    st.ring_bytes += bytes;
-    trim_ring(st, keep);
-}
-
-/// Drops the oldest ring entries beyond the limits. A standalone node (`keep` false) keeps none:
-/// nothing will ever receive from it, and its rings would hold up to [`RING_BYTES`] of every slot
-/// it owns (gigabytes with the default 1,024 slots) for no reader. The base moves to the newest
-/// entry dropped, so the ring's history stays consistent for [`ring_index_after`].
-fn trim_ring(st: &mut SlotState, keep: bool) {
-    let (max_entries, max_bytes) = if keep {
-        (RING_ENTRIES, RING_BYTES)
-    } else {
-        (0, 0)
-    };
-    while st.ring.len() > max_entries || st.ring_bytes > max_bytes {
-        match st.ring.pop_front() {
-            Some(old) => {
-                st.ring_bytes -= old.bytes;
-                st.ring_base = old.pos;
-            }
-            None => break,
-        }
     }
 }
 
@@ -1234,27 +1188,14 @@ fn seed_ring(st: &mut SlotState, recent: VecDeque<Entry>) {
     while first > 0 && entries[first].follows(entries[first - 1].position()) {
         first -= 1;
     }
-    st.ring_base = entries[first].position();
+    st.ring.set_base(entries[first].position());
     for entry in &entries[first + 1..] {
-        push_ring(
-            st,
+        st.ring.push(
             append_frame(entry, entry.lsn().epoch),
             entry.position(),
             true,
         );
     }
-}
-
-/// Index of the first ring entry after `pos`, if `pos` is in the ring's history.
-fn ring_index_after(st: &SlotState, pos: SlotPos) -> Option<usize> {
-    if pos == st.ring_base {
-        return Some(0);
-    }
-    st.ring.iter().position(|r| r.pos == pos).map(|i| i + 1)
-}
-
-fn ring_has(st: &SlotState, pos: SlotPos) -> bool {
-    st.ring.iter().any(|r| r.pos == pos) || pos == st.ring_base
 }
 
 /// Whether a recovering owner has a write quorum of voters at its position.
@@ -1408,9 +1349,10 @@ mod tests {
             position,
             HashMap::new(),
             recent.into(),
+            RingBudget::new(super::super::ring::NODE_RING_BYTES),
         );
         let st = slot.lock();
-        (st.ring.iter().map(|r| r.pos).collect(), st.ring_base)
+        (st.ring.positions().collect(), st.ring.base())
     }
 
     #[test]
@@ -1450,35 +1392,6 @@ mod tests {
             (vec![tail_positions[1]], tail_positions[0])
         );
         assert_eq!(ring_of(SlotPos::START, vec![]), (vec![], SlotPos::START));
-    }
-
-    #[test]
-    fn a_standalone_node_keeps_no_ring() {
-        let entries = chain(6, SlotPos::START);
-        let positions: Vec<SlotPos> = entries.iter().map(Entry::position).collect();
-        let slot = Slot::new(
-            SlotKey::new("c", 0),
-            0,
-            positions[3],
-            HashMap::new(),
-            entries[..4].to_vec().into(),
-        );
-        let mut st = slot.lock();
-        // Recovered entries are kept until the node knows whether it is standalone.
-        assert_eq!(st.ring.len(), 3);
-        push_ring(&mut st, append_frame(&entries[4], 1), positions[4], true);
-        assert_eq!(st.ring.len(), 4);
-        assert!(st.ring_bytes > 0);
-        assert_eq!(st.ring_base, positions[0]);
-        // Standalone: the ring empties, and its base is the newest entry.
-        trim_ring(&mut st, false);
-        assert_eq!((st.ring.len(), st.ring_bytes), (0, 0));
-        assert_eq!(st.ring_base, positions[4]);
-        push_ring(&mut st, append_frame(&entries[5], 1), positions[5], false);
-        assert_eq!((st.ring.len(), st.ring_bytes), (0, 0));
-        assert_eq!(st.ring_base, positions[5]);
-        assert_eq!(ring_index_after(&st, positions[5]), Some(0));
-        assert_eq!(ring_index_after(&st, positions[4]), None);
     }
 
     #[test]

@@ -1,0 +1,286 @@
+//! The entries a slot keeps in memory to resend to a receiver that falls a little behind (its
+//! ring), and the node-wide budget all rings share.
+//!
+//! Each ring holds at most [`RING_ENTRIES`] entries and [`RING_BYTES`]. With the default 1,024
+//! slots, every one of them followed or owned by a node, those limits alone would let the rings
+//! grow to 4 GiB. So the node's rings together stay within [`NODE_RING_BYTES`]: while they are
+//! over it, a ring that gains an entry, or is swept, keeps no more than an equal share of it. A
+//! busy slot keeps its full ring while the others hold little; a receiver further behind than
+//! its slot's ring reaches is sent a snapshot instead.
+
+use super::wire::Frame;
+use crate::storage::record::SlotPos;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Most entries a slot keeps to resend.
+pub const RING_ENTRIES: usize = crate::storage::recovery::RECENT_ENTRIES;
+/// Most bytes of entries a slot keeps to resend.
+pub const RING_BYTES: usize = crate::storage::recovery::RECENT_BYTES;
+/// Most bytes of entries all rings of a node keep together (a share each once over it).
+pub const NODE_RING_BYTES: usize = 128 << 20;
+
+/// What the rings of a node hold together.
+#[derive(Debug)]
+pub struct RingBudget {
+    limit: usize,
+    bytes: AtomicUsize,
+    /// Rings holding at least one entry.
+    holders: AtomicUsize,
+}
+
+impl RingBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(RingBudget {
+            limit,
+            bytes: AtomicUsize::new(0),
+            holders: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes all rings hold.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes one ring may keep right now: its own limit, or an equal share of the
+    /// node's while the rings together are over it.
+    fn ring_limit(&self) -> usize {
+        if self.bytes() <= self.limit {
+            return RING_BYTES;
+        }
+        let holders = self.holders.load(Ordering::Relaxed).max(1);
+        RING_BYTES.min(self.limit / holders)
+    }
+}
+
+struct RingEntry {
+    frame: Frame,
+    pos: SlotPos,
+    bytes: usize,
+}
+
+/// One slot's entries to resend, oldest first, after `base`.
+pub struct Ring {
+    entries: VecDeque<RingEntry>,
+    bytes: usize,
+    /// Position just before the oldest entry.
+    base: SlotPos,
+    budget: Arc<RingBudget>,
+}
+
+impl Ring {
+    pub fn new(base: SlotPos, budget: Arc<RingBudget>) -> Self {
+        Ring {
+            entries: VecDeque::new(),
+            bytes: 0,
+            base,
+            budget,
+        }
+    }
+
+    /// Adds the newest entry, at `pos`, then trims (see [`Ring::trim`]).
+    pub fn push(&mut self, frame: Frame, pos: SlotPos, keep: bool) {
+        let bytes = match &frame {
+            Frame::Append { entry, .. } => entry.len(),
+            _ => 0,
+        };
+        if self.entries.is_empty() {
+            self.budget.holders.fetch_add(1, Ordering::Relaxed);
+        }
+        self.entries.push_back(RingEntry { frame, pos, bytes });
+        self.bytes += bytes;
+        self.budget.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.trim(keep);
+    }
+
+    /// Drops the oldest entries beyond the ring's limits, or all of them when `keep` is false (a
+    /// standalone node: nothing will ever receive from it). The base moves to the newest entry
+    /// dropped, so [`Ring::index_after`] stays true to the slot's history.
+    pub fn trim(&mut self, keep: bool) {
+        let (max_entries, max_bytes) = if keep {
+            (RING_ENTRIES, self.budget.ring_limit())
+        } else {
+            (0, 0)
+        };
+        while self.entries.len() > max_entries || self.bytes > max_bytes {
+            let Some(old) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= old.bytes;
+            self.budget.bytes.fetch_sub(old.bytes, Ordering::Relaxed);
+            self.base = old.pos;
+            if self.entries.is_empty() {
+                self.budget.holders.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drops every entry; the history starts again after `base`.
+    pub fn reset(&mut self, base: SlotPos) {
+        self.release();
+        self.base = base;
+    }
+
+    /// Index of the first entry after `pos`, if `pos` is in the ring's history.
+    pub fn index_after(&self, pos: SlotPos) -> Option<usize> {
+        if pos == self.base {
+            return Some(0);
+        }
+        self.entries
+            .iter()
+            .position(|r| r.pos == pos)
+            .map(|i| i + 1)
+    }
+
+    /// Whether `pos` is in the ring's history (its base or one of its entries).
+    pub fn has(&self, pos: SlotPos) -> bool {
+        pos == self.base || self.entries.iter().any(|r| r.pos == pos)
+    }
+
+    /// The frames after index `from`, oldest first.
+    pub fn frames_from(&self, from: usize) -> impl Iterator<Item = &Frame> {
+        self.entries.iter().skip(from).map(|r| &r.frame)
+    }
+
+    pub fn base(&self) -> SlotPos {
+        self.base
+    }
+
+    pub fn set_base(&mut self, base: SlotPos) {
+        self.base = base;
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Positions of the entries, oldest first.
+    pub fn positions(&self) -> impl Iterator<Item = SlotPos> + '_ {
+        self.entries.iter().map(|r| r.pos)
+    }
+
+    fn release(&mut self) {
+        if !self.entries.is_empty() {
+            self.budget.holders.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::wire::append_frame;
+    use crate::id::ObjectId;
+    use crate::lsn::Lsn;
+    use crate::storage::record::{Entry, ObjectKey, SlotKey};
+
+    /// `n` entries of one slot, each placed after the one before, with their frames.
+    fn chain(n: u64) -> Vec<(Frame, SlotPos)> {
+        let object = ObjectKey::new(Arc::from("ns"), ObjectId::from_bytes([3; 32]));
+        let slot = SlotKey::new("c", 0);
+        let mut prev = SlotPos::START;
+        (0..n)
+            .map(|i| {
+                let mut e = Entry::delete(&object, &slot);
+                prev = e.place_after(prev, Lsn::new(1, i + 1));
+                (append_frame(&e, 1), prev)
+            })
+            .collect()
+    }
+
+    fn fill(ring: &mut Ring, entries: &[(Frame, SlotPos)], keep: bool) {
+        for (frame, pos) in entries {
+            ring.push(frame.clone(), *pos, keep);
+        }
+    }
+
+    #[test]
+    fn a_standalone_node_keeps_nothing_and_its_base_follows_its_history() {
+        let entries = chain(6);
+        let budget = RingBudget::new(NODE_RING_BYTES);
+        let mut ring = Ring::new(SlotPos::START, budget.clone());
+        fill(&mut ring, &entries[..5], true);
+        assert_eq!(ring.len(), 5);
+        assert_eq!(ring.base(), SlotPos::START);
+        assert_eq!(ring.index_after(entries[1].1), Some(2));
+        // Standalone: the ring empties, and its base is the newest entry, so a receiver at it
+        // needs nothing and one further behind gets a snapshot.
+        ring.trim(false);
+        assert_eq!((ring.len(), ring.bytes(), budget.bytes()), (0, 0, 0));
+        assert_eq!(ring.base(), entries[4].1);
+        ring.push(entries[5].0.clone(), entries[5].1, false);
+        assert_eq!((ring.len(), budget.bytes()), (0, 0));
+        assert_eq!(ring.index_after(entries[5].1), Some(0));
+        assert_eq!(ring.index_after(entries[4].1), None);
+        assert!(ring.has(entries[5].1) && !ring.has(entries[4].1));
+    }
+
+    #[test]
+    fn a_ring_keeps_at_most_its_entry_limit() {
+        let entries = chain(RING_ENTRIES as u64 + 3);
+        let budget = RingBudget::new(NODE_RING_BYTES);
+        let mut ring = Ring::new(SlotPos::START, budget.clone());
+        fill(&mut ring, &entries, true);
+        assert_eq!(ring.len(), RING_ENTRIES);
+        assert_eq!(ring.base(), entries[2].1);
+        assert_eq!(budget.bytes(), ring.bytes());
+    }
+
+    #[test]
+    fn rings_over_the_node_budget_keep_an_equal_share() {
+        let entries = chain(12);
+        let size = {
+            let budget = RingBudget::new(NODE_RING_BYTES);
+            let mut ring = Ring::new(SlotPos::START, budget);
+            fill(&mut ring, &entries[..1], true);
+            ring.bytes()
+        };
+        assert!(size > 0);
+        let budget = RingBudget::new(10 * size);
+        let mut busy = Ring::new(SlotPos::START, budget.clone());
+        let mut other = Ring::new(SlotPos::START, budget.clone());
+        // Within the budget one ring keeps everything.
+        fill(&mut busy, &entries[..8], true);
+        assert_eq!(busy.len(), 8);
+        // Over it, a ring that gains an entry keeps at most half (two rings hold entries).
+        fill(&mut other, &entries[..3], true);
+        assert_eq!(other.len(), 3);
+        assert_eq!(budget.bytes(), 11 * size);
+        fill(&mut other, &entries[3..7], true);
+        assert_eq!(other.len(), 5);
+        assert_eq!(other.base(), entries[1].1);
+        // The sweep trims a ring that gained nothing to its share too.
+        busy.trim(true);
+        assert_eq!(busy.len(), 5);
+        assert_eq!(busy.base(), entries[2].1);
+        assert_eq!(budget.bytes(), 10 * size);
+        // Back within the budget, rings grow again.
+        other.reset(entries[6].1);
+        assert_eq!(budget.bytes(), 5 * size);
+        fill(&mut busy, &entries[8..12], true);
+        assert_eq!(busy.len(), 9);
+        // A dropped ring gives its bytes back.
+        drop(busy);
+        assert_eq!(budget.bytes(), 0);
+        assert_eq!(budget.holders.load(Ordering::Relaxed), 0);
+    }
+}
