@@ -948,11 +948,6 @@ mod tests {
         drop(runner);
     }
 
-    /// Every frame that reaches a follower ahead of its position answers with the same gap, so a
-    /// follower that fell behind with many frames in flight (or whose log keeps failing) reports
-    /// one gap after another. The owner resends its recent entries once for them, not once per
-    /// gap — that flood kept a follower just back from a full disk from being acknowledged for
-    /// many seconds — and again only after a second, or once the link has reconnected.
     /// A standalone node keeps no entries to resend (nothing ever receives from it); a node of a
     /// cluster that owns a slot alone keeps them, for a follower that comes back.
     #[test]
@@ -978,6 +973,11 @@ mod tests {
         drop(runner);
     }
 
+    /// Every frame that reaches a follower ahead of its position answers with the same gap, so a
+    /// follower that fell behind with many frames in flight (or whose log keeps failing) reports
+    /// one gap after another. The owner resends its recent entries once for them, not once per
+    /// gap — that flood kept a follower just back from a full disk from being acknowledged for
+    /// many seconds — and again only after a second, or once the link has reconnected.
     #[test]
     fn an_owner_resends_to_a_follower_once_for_a_run_of_gaps_at_the_same_position() {
         let dir = tempfile::tempdir().expect("tempdir");

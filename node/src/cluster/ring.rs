@@ -1,12 +1,19 @@
 //! The entries a slot keeps in memory to resend to a receiver that falls a little behind (its
 //! ring), and the node-wide budget all rings share.
 //!
-//! Each ring holds at most [`RING_ENTRIES`] entries and [`RING_BYTES`]. With the default 1,024
-//! slots, every one of them followed or owned by a node, those limits alone would let the rings
-//! grow to 4 GiB. So the node's rings together stay within [`NODE_RING_BYTES`]: while they are
-//! over it, a ring that gains an entry, or is swept, keeps no more than an equal share of it. A
-//! busy slot keeps its full ring while the others hold little; a receiver further behind than
-//! its slot's ring reaches is sent a snapshot instead.
+//! Each ring holds at most [`RING_ENTRIES`] entries and [`RING_BYTES`]. A colo has 1,024 slots
+//! by default, and a node may follow or own every one of them (of several colos), so those limits
+//! alone would let its rings grow to 4 GiB and more. So the node's rings share
+//! [`NODE_RING_BYTES`]:
+//! - a ring that gains an entry while the rings together are over the budget drops its oldest
+//!   entries until they are not, but never below an equal share of the budget;
+//! - the periodic sweep of every slot trims each ring to that share while the rings together
+//!   hold more than three quarters of the budget, so rings of slots gone quiet give their bytes
+//!   to busy ones;
+//! - a ring always keeps its newest entry, so an owner can resend the entry in flight to a
+//!   follower that reconnects, even when one entry is larger than a share.
+//!
+//! A receiver further behind than its slot's ring reaches is sent a snapshot instead.
 
 use super::wire::Frame;
 use crate::storage::record::SlotPos;
@@ -44,14 +51,9 @@ impl RingBudget {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// The most bytes one ring may keep right now: its own limit, or an equal share of the
-    /// node's while the rings together are over it.
-    fn ring_limit(&self) -> usize {
-        if self.bytes() <= self.limit {
-            return RING_BYTES;
-        }
-        let holders = self.holders.load(Ordering::Relaxed).max(1);
-        RING_BYTES.min(self.limit / holders)
+    /// An equal share of the budget among the rings holding entries.
+    fn share(&self) -> usize {
+        self.limit / self.holders.load(Ordering::Relaxed).max(1)
     }
 }
 
@@ -80,7 +82,9 @@ impl Ring {
         }
     }
 
-    /// Adds the newest entry, at `pos`, then trims (see [`Ring::trim`]).
+    /// Adds the newest entry, at `pos`, then drops the oldest beyond the ring's limits, or all of
+    /// them when `keep` is false (see [`Ring::trim`]); over the node's budget, only as many as
+    /// bring the node back within it, and not below the ring's share.
     pub fn push(&mut self, frame: Frame, pos: SlotPos, keep: bool) {
         let bytes = match &frame {
             Frame::Append { entry, .. } => entry.len(),
@@ -92,19 +96,35 @@ impl Ring {
         self.entries.push_back(RingEntry { frame, pos, bytes });
         self.bytes += bytes;
         self.budget.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.trim(keep);
+        self.trim_over(keep, self.budget.limit);
     }
 
-    /// Drops the oldest entries beyond the ring's limits, or all of them when `keep` is false (a
-    /// standalone node: nothing will ever receive from it). The base moves to the newest entry
-    /// dropped, so [`Ring::index_after`] stays true to the slot's history.
+    /// The sweep: drops the oldest entries beyond the ring's share while the node's rings hold
+    /// more than three quarters of the budget; all of them when `keep` is false (a standalone
+    /// node, which nothing will ever receive from, or a node no longer in the slot's replica
+    /// set). The base moves to the newest entry dropped, so [`Ring::index_after`] stays true to
+    /// the slot's history.
     pub fn trim(&mut self, keep: bool) {
-        let (max_entries, max_bytes) = if keep {
-            (RING_ENTRIES, self.budget.ring_limit())
-        } else {
-            (0, 0)
-        };
-        while self.entries.len() > max_entries || self.bytes > max_bytes {
+        self.trim_over(keep, self.budget.limit / 4 * 3);
+    }
+
+    /// Drops the oldest entries beyond the ring's own limits, and those beyond its share while
+    /// the node's rings hold more than `node_mark` bytes, always keeping the newest.
+    fn trim_over(&mut self, keep: bool, node_mark: usize) {
+        loop {
+            let len = self.entries.len();
+            let excess = if keep {
+                len > RING_ENTRIES
+                    || (len > 1
+                        && (self.bytes > RING_BYTES
+                            || (self.budget.bytes() > node_mark
+                                && self.bytes > self.budget.share())))
+            } else {
+                len > 0
+            };
+            if !excess {
+                break;
+            }
             let Some(old) = self.entries.pop_front() else {
                 break;
             };
@@ -148,7 +168,9 @@ impl Ring {
         self.base
     }
 
+    /// Sets the base of an empty ring (one seeded from recovered entries).
     pub fn set_base(&mut self, base: SlotPos) {
+        debug_assert!(self.entries.is_empty());
         self.base = base;
     }
 
@@ -246,41 +268,66 @@ mod tests {
     }
 
     #[test]
-    fn rings_over_the_node_budget_keep_an_equal_share() {
+    fn rings_over_the_node_budget_give_way_down_to_an_equal_share() {
         let entries = chain(12);
         let size = {
-            let budget = RingBudget::new(NODE_RING_BYTES);
-            let mut ring = Ring::new(SlotPos::START, budget);
+            let mut ring = Ring::new(SlotPos::START, RingBudget::new(NODE_RING_BYTES));
             fill(&mut ring, &entries[..1], true);
             ring.bytes()
         };
         assert!(size > 0);
         let budget = RingBudget::new(10 * size);
+        let mut quiet = Ring::new(SlotPos::START, budget.clone());
         let mut busy = Ring::new(SlotPos::START, budget.clone());
-        let mut other = Ring::new(SlotPos::START, budget.clone());
         // Within the budget one ring keeps everything.
-        fill(&mut busy, &entries[..8], true);
-        assert_eq!(busy.len(), 8);
-        // Over it, a ring that gains an entry keeps at most half (two rings hold entries).
-        fill(&mut other, &entries[..3], true);
-        assert_eq!(other.len(), 3);
-        assert_eq!(budget.bytes(), 11 * size);
-        fill(&mut other, &entries[3..7], true);
-        assert_eq!(other.len(), 5);
-        assert_eq!(other.base(), entries[1].1);
-        // The sweep trims a ring that gained nothing to its share too.
-        busy.trim(true);
+        fill(&mut quiet, &entries[..8], true);
+        assert_eq!(quiet.len(), 8);
+        // Over it, a ring that gains entries keeps up to its share (half: two rings hold
+        // entries), then drops only what it adds: the node stays over, as the quiet ring holds
+        // more than its share.
+        fill(&mut busy, &entries[..7], true);
         assert_eq!(busy.len(), 5);
-        assert_eq!(busy.base(), entries[2].1);
+        assert_eq!(busy.base(), entries[1].1);
+        assert_eq!(budget.bytes(), 13 * size);
+        // The sweep trims the quiet ring to its share; the busy one is within its own.
+        quiet.trim(true);
+        busy.trim(true);
+        assert_eq!((quiet.len(), busy.len()), (5, 5));
+        assert_eq!(quiet.base(), entries[2].1);
         assert_eq!(budget.bytes(), 10 * size);
-        // Back within the budget, rings grow again.
-        other.reset(entries[6].1);
-        assert_eq!(budget.bytes(), 5 * size);
-        fill(&mut busy, &entries[8..12], true);
-        assert_eq!(busy.len(), 9);
+        // Within the budget again, the busy ring grows past its share into what is free.
+        quiet.reset(entries[7].1);
+        fill(&mut busy, &entries[7..12], true);
+        assert_eq!(busy.len(), 10);
+        busy.trim(true);
+        assert_eq!(
+            busy.len(),
+            10,
+            "one ring alone: its share is the whole budget"
+        );
         // A dropped ring gives its bytes back.
         drop(busy);
         assert_eq!(budget.bytes(), 0);
         assert_eq!(budget.holders.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_ring_keeps_its_newest_entry_even_beyond_its_share() {
+        let entries = chain(3);
+        let size = {
+            let mut ring = Ring::new(SlotPos::START, RingBudget::new(NODE_RING_BYTES));
+            fill(&mut ring, &entries[..1], true);
+            ring.bytes()
+        };
+        let budget = RingBudget::new(size);
+        let mut a = Ring::new(SlotPos::START, budget.clone());
+        let mut b = Ring::new(SlotPos::START, budget.clone());
+        fill(&mut a, &entries[..2], true);
+        fill(&mut b, &entries[..2], true);
+        a.trim(true);
+        b.trim(true);
+        assert_eq!((a.len(), b.len()), (1, 1));
+        assert_eq!(a.index_after(entries[0].1), Some(0));
+        assert_eq!(budget.bytes(), 2 * size);
     }
 }

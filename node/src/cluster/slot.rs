@@ -971,11 +971,9 @@ impl Slot {
         let _one_at_a_time = self.begin_handoff(to)?;
         self.wait_for_handoff(to, timeout, deadline, |st| {
             self.check_handoff(st, to, epoch)?;
-            Ok(st
-                .progress
-                .iter()
-                .find(|p| p.node == to)
-                .is_some_and(|p| close_enough_to_drain(p.stream, p.acked, st.appended.lsn)))
+            Ok(st.progress.iter().find(|p| p.node == to).is_some_and(|p| {
+                close_enough_to_drain(p.stream, p.acked, st.appended.lsn, st.ring.base().lsn)
+            }))
         })
         .await?;
         {
@@ -1247,10 +1245,14 @@ fn drained_for(st: &SlotState, to: &str) -> bool {
 }
 
 /// A hand-off may stop the slot's writes once its target is this close: streaming (not probing
-/// or installing a snapshot) and at most [`RING_ENTRIES`] entries behind (the most the owner
-/// keeps to resend). What remains then takes moments, not a sync's seconds.
-fn close_enough_to_drain(stream: Stream, acked: Lsn, appended: Lsn) -> bool {
-    stream == Stream::Streaming && acked.seq.saturating_add(RING_ENTRIES as u64) >= appended.seq
+/// or installing a snapshot), at most [`RING_ENTRIES`] entries behind (the most the owner keeps
+/// to resend), and not behind the oldest entry the owner's ring still holds (`ring_base`; the
+/// node's ring budget may have trimmed it). What remains then takes moments, not a sync's
+/// seconds.
+fn close_enough_to_drain(stream: Stream, acked: Lsn, appended: Lsn, ring_base: Lsn) -> bool {
+    stream == Stream::Streaming
+        && acked.seq.saturating_add(RING_ENTRIES as u64) >= appended.seq
+        && acked.seq >= ring_base.seq
 }
 
 /// Pops every pending entry (in order) that a quorum holds, while the lease is valid.
@@ -1401,31 +1403,53 @@ mod tests {
         let window = RING_ENTRIES as u64;
         for stream in [Stream::Probing, Stream::Syncing] {
             assert!(
-                !close_enough_to_drain(stream, appended, appended),
+                !close_enough_to_drain(stream, appended, appended, Lsn::ZERO),
                 "{stream:?}"
             );
         }
-        assert!(close_enough_to_drain(Stream::Streaming, appended, appended));
+        assert!(close_enough_to_drain(
+            Stream::Streaming,
+            appended,
+            appended,
+            Lsn::ZERO
+        ));
         assert!(close_enough_to_drain(
             Stream::Streaming,
             behind(window),
-            appended
+            appended,
+            Lsn::ZERO
         ));
         assert!(!close_enough_to_drain(
             Stream::Streaming,
             behind(window + 1),
-            appended
+            appended,
+            Lsn::ZERO
         ));
         // Positions count on across epochs: an ack from the previous epoch compares by sequence.
         assert!(close_enough_to_drain(
             Stream::Streaming,
             Lsn::new(2, 9_990),
-            appended
+            appended,
+            Lsn::ZERO
         ));
         assert!(!close_enough_to_drain(
             Stream::Streaming,
             Lsn::default(),
-            appended
+            appended,
+            Lsn::ZERO
+        ));
+        // A target within the window but behind what the owner's trimmed ring holds.
+        assert!(!close_enough_to_drain(
+            Stream::Streaming,
+            behind(10),
+            appended,
+            behind(5)
+        ));
+        assert!(close_enough_to_drain(
+            Stream::Streaming,
+            behind(5),
+            appended,
+            behind(5)
         ));
     }
 }
