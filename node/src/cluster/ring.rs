@@ -235,6 +235,13 @@ mod tests {
         }
     }
 
+    /// What one entry counts in a ring.
+    fn entry_bytes(entry: &(Frame, SlotPos)) -> usize {
+        let mut ring = Ring::new(SlotPos::START, RingBudget::new(NODE_RING_BYTES));
+        fill(&mut ring, std::slice::from_ref(entry), true);
+        ring.bytes()
+    }
+
     #[test]
     fn a_standalone_node_keeps_nothing_and_its_base_follows_its_history() {
         let entries = chain(6);
@@ -270,11 +277,7 @@ mod tests {
     #[test]
     fn rings_over_the_node_budget_give_way_down_to_an_equal_share() {
         let entries = chain(12);
-        let size = {
-            let mut ring = Ring::new(SlotPos::START, RingBudget::new(NODE_RING_BYTES));
-            fill(&mut ring, &entries[..1], true);
-            ring.bytes()
-        };
+        let size = entry_bytes(&entries[0]);
         assert!(size > 0);
         let budget = RingBudget::new(10 * size);
         let mut quiet = Ring::new(SlotPos::START, budget.clone());
@@ -314,11 +317,7 @@ mod tests {
     #[test]
     fn a_ring_keeps_its_newest_entry_even_beyond_its_share() {
         let entries = chain(3);
-        let size = {
-            let mut ring = Ring::new(SlotPos::START, RingBudget::new(NODE_RING_BYTES));
-            fill(&mut ring, &entries[..1], true);
-            ring.bytes()
-        };
+        let size = entry_bytes(&entries[0]);
         let budget = RingBudget::new(size);
         let mut a = Ring::new(SlotPos::START, budget.clone());
         let mut b = Ring::new(SlotPos::START, budget.clone());
