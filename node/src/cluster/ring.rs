@@ -101,9 +101,8 @@ impl Ring {
 
     /// The sweep: drops the oldest entries beyond the ring's share while the node's rings hold
     /// more than three quarters of the budget; all of them when `keep` is false (a standalone
-    /// node, which nothing will ever receive from, or a node no longer in the slot's replica
-    /// set). The base moves to the newest entry dropped, so [`Ring::index_after`] stays true to
-    /// the slot's history.
+    /// node, which nothing will ever receive from). The base moves to the newest entry dropped,
+    /// so [`Ring::index_after`] stays true to the slot's history.
     pub fn trim(&mut self, keep: bool) {
         self.trim_over(keep, self.budget.limit / 4 * 3);
     }
