@@ -228,6 +228,9 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
         let (logs, objs) = (log_dir.clone(), objects_dir.clone());
         let namespaces = namespaces.clone();
         let journal = journal.clone();
+        // Without a control plane the node is standalone (see `Cluster::new`) and resends to
+        // nobody: recovery keeps no entries for its slots' rings.
+        let clustered = config.cluster.is_some();
         tokio::task::spawn_blocking(move || -> Result<(RecoveryReport, u64), StartError> {
             // Before recovery opens any file: it looks for each where this layout puts it.
             let placed = layout::place_object_files(&objs).map_err(storage_err(&objs))?;
@@ -241,6 +244,7 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
                 &logs,
                 |key: &ObjectKey| crate::object::db_path(&objs, key),
                 &floors,
+                clustered,
                 |report| {
                     let lines: Vec<Line> = report
                         .slots

@@ -86,6 +86,10 @@ impl Ring {
     /// them when `keep` is false (see [`Ring::trim`]); over the node's budget, only as many as
     /// bring the node back within it, and not below the ring's share.
     pub fn push(&mut self, frame: Frame, pos: SlotPos, keep: bool) {
+        if !keep {
+            self.reset(pos);
+            return;
+        }
         let bytes = match &frame {
             Frame::Append { entry, .. } => entry.len(),
             _ => 0,
@@ -191,9 +195,10 @@ impl Ring {
     }
 
     fn release(&mut self) {
-        if !self.entries.is_empty() {
-            self.budget.holders.fetch_sub(1, Ordering::Relaxed);
+        if self.entries.is_empty() {
+            return;
         }
+        self.budget.holders.fetch_sub(1, Ordering::Relaxed);
         self.budget.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
         self.entries.clear();
         self.bytes = 0;

@@ -318,11 +318,13 @@ pub fn discard_wal(db: &Path) -> io::Result<()> {
 
 /// Replays the log in `log_dir` into the database files `locate` names; `before_retire` records
 /// the slot positions the log established (it runs after the files are durable), then the old
-/// segments are retired.
+/// segments are retired. `keep_recent`: collect each slot's newest entries for the report (a
+/// standalone node, which resends to nobody, does not).
 pub fn recover(
     log_dir: &Path,
     locate: impl Fn(&ObjectKey) -> PathBuf,
     floors: &HashMap<ObjectKey, Lsn>,
+    keep_recent: bool,
     before_retire: impl FnOnce(&RecoveryReport) -> io::Result<()>,
 ) -> io::Result<RecoveryReport> {
     super::dirs::create_dir_all_durable(log_dir)?;
@@ -359,7 +361,9 @@ pub fn recover(
         if !covered {
             applier.apply(&entry)?;
         }
-        recent.push(entry);
+        if keep_recent {
+            recent.push(entry);
+        }
         Ok(())
     })?;
     applier.finish()?;
@@ -467,9 +471,34 @@ mod tests {
         delete.place_after(SlotPos::START, Lsn::new(1, 1));
         write_log(&log, &[(RecordKind::Delete, delete.into_bytes())]);
         let locate = |k: &ObjectKey| objects.join(k.id.to_hex()).join("x.db");
-        let report = recover(&log, locate, &HashMap::new(), |_| Ok(())).expect("recover");
+        let report = recover(&log, locate, &HashMap::new(), true, |_| Ok(())).expect("recover");
         assert_eq!(report.objects_deleted, 1);
         assert!(!objects.exists(), "nothing was created for it");
+    }
+
+    /// Recovery hands a clustered node each slot's newest entries for its resend ring; for a
+    /// standalone node it keeps none, and replays the same.
+    #[test]
+    fn recent_entries_are_kept_only_when_asked() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let a = object(1);
+        for keep in [true, false] {
+            let log = tmp.path().join(format!("log-{keep}"));
+            write_log(
+                &log,
+                &[
+                    (RecordKind::PageSet, page_set(&a, 1, &[1, 2], 1, 2)),
+                    (RecordKind::PageSet, page_set(&a, 2, &[2], 2, 2)),
+                ],
+            );
+            let db = tmp.path().join(format!("a-{keep}.db"));
+            let report =
+                recover(&log, |_| db.clone(), &HashMap::new(), keep, |_| Ok(())).expect("recover");
+            assert_eq!(report.page_sets_applied, 2);
+            assert_eq!(page_fills(&db), vec![1, 2]);
+            let kept: usize = report.recent.values().map(VecDeque::len).sum();
+            assert_eq!(kept, if keep { 2 } else { 0 }, "keep_recent: {keep}");
+        }
     }
 
     #[test]
@@ -495,7 +524,7 @@ mod tests {
         // in the floors used to mean "covered up to log position 0" as well).
         let db2 = tmp.path().join("a2.db");
         let floors = HashMap::from([(a.clone(), Lsn::ZERO)]);
-        let report = recover(&log, |_| db2.clone(), &floors, |_| Ok(())).expect("recover");
+        let report = recover(&log, |_| db2.clone(), &floors, true, |_| Ok(())).expect("recover");
         assert_eq!(report.page_sets_applied, 2);
         assert_eq!(page_fills(&db2), vec![1, 2]);
     }
