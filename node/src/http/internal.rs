@@ -108,9 +108,10 @@ where
     let mut from: Option<String> = None;
     'read: loop {
         // The entries of one read are logged together, and committed on this thread when no
-        // commit is under way: a follower's ack then waits for one fsync and no hand-off to the
-        // writer thread (a wake-up of an idle CPU costs tens of microseconds on a VM, and the
-        // follower's ack is on the critical path of every replicated write).
+        // commit is under way and nothing else waits for one: a follower's ack then waits for
+        // one fsync and no hand-off to the writer thread (a wake-up of an idle CPU costs tens of
+        // microseconds on a VM, and the follower's ack is on the critical path of every
+        // replicated write). On a busy node the writer thread commits them with the rest.
         let deferred = cl.log.defer_wakeups();
         let mut appended = false;
         loop {

@@ -9,7 +9,10 @@
 //! flight on the node) may commit its own record instead when no commit is under way
 //! ([`NodeLog::defer_wakeups`], [`Deferred::lead`]): a sequential client then waits for one fsync
 //! and no thread hand-off, which on a virtual machine costs tens of microseconds per wake-up of
-//! an idle CPU. Either way one committer runs at a time, in queue order.
+//! an idle CPU. Only a thread whose own records are all that is queued leads: records of other
+//! threads waiting too mean the node is busy, and a leader would hold an async worker through
+//! the fsync while they and other requests wait for it. Either way one committer runs at a
+//! time, in queue order.
 //!
 //! A segment is retired (recycled as a spare) once every object with a record in it has
 //! checkpointed past that record; the writer publishes which objects hold the oldest segment back
@@ -160,6 +163,8 @@ struct Core {
 thread_local! {
     /// The log (its `Core` address) whose wake-ups this thread defers; 0 for none.
     static DEFERRING: Cell<usize> = const { Cell::new(0) };
+    /// Records this thread queued while deferring its wake-ups.
+    static DEFERRED_RECORDS: Cell<usize> = const { Cell::new(0) };
 }
 
 impl Core {
@@ -175,6 +180,9 @@ impl Core {
         let mut q = self.queue();
         q.msgs.push(msg);
         let deferred = DEFERRING.with(|d| d.get()) == self.address();
+        if deferred {
+            DEFERRED_RECORDS.with(|n| n.set(n.get() + 1));
+        }
         if !q.busy && !deferred && q.writer_waiting {
             drop(q);
             self.wake.notify_one();
@@ -206,11 +214,20 @@ impl Core {
     }
 
     /// Commits what is queued on this thread unless a committer is at work already (it will
-    /// take the queue next), then hands anything that arrived meanwhile to the writer thread.
-    fn lead(&self) {
+    /// take the queue next) or records other than this thread's `own` are queued (they wake the
+    /// writer thread instead), then hands anything that arrived meanwhile to the writer thread.
+    fn lead(&self, own: usize) {
         let mut batch = {
             let mut q = self.queue();
             if q.busy || q.msgs.is_empty() {
+                return;
+            }
+            if q.msgs.len() > own {
+                let wake = q.writer_waiting;
+                drop(q);
+                if wake {
+                    self.wake.notify_one();
+                }
                 return;
             }
             Self::take_batch(&mut q)
@@ -314,6 +331,8 @@ pub struct Deferred<'a> {
     core: &'a Core,
     shared: &'a LogShared,
     previous: usize,
+    /// The thread's count of deferred records before this guard (guards may nest).
+    previous_records: usize,
 }
 
 /// Threads lead commits only while fsyncs take less than this; when the disk is slow, waiting
@@ -322,22 +341,28 @@ const LEAD_MAX_FSYNC_MICROS: u64 = 2_000;
 
 impl Deferred<'_> {
     /// Commits the queued records on this thread (fsync included, completions run here) unless
-    /// a commit is under way already or fsyncs are slow. For threads that would otherwise only
-    /// wait.
+    /// a commit is under way already, other threads' records are queued too, or fsyncs are
+    /// slow. For threads that would otherwise only wait.
     pub fn lead(self) {
         let limit = self.shared.lead_max_fsync_micros.load(Ordering::Relaxed);
         if self.shared.fsync_micros.load(Ordering::Relaxed) > limit {
             return; // dropped: wakes the writer thread
         }
-        DEFERRING.with(|d| d.set(self.previous));
-        self.core.lead();
+        let own = self.restore();
+        self.core.lead(own);
         std::mem::forget(self);
+    }
+
+    /// Ends the deferral on this thread; returns how many records it queued under this guard.
+    fn restore(&self) -> usize {
+        DEFERRING.with(|d| d.set(self.previous));
+        DEFERRED_RECORDS.with(|n| n.replace(self.previous_records))
     }
 }
 
 impl Drop for Deferred<'_> {
     fn drop(&mut self) {
-        DEFERRING.with(|d| d.set(self.previous));
+        self.restore();
         self.core.kick();
     }
 }
@@ -359,10 +384,12 @@ impl NodeLog {
     /// Defers the wake-ups of this thread's appends until the returned guard leads or drops.
     pub fn defer_wakeups(&self) -> Deferred<'_> {
         let previous = DEFERRING.with(|d| d.replace(self.core.address()));
+        let previous_records = DEFERRED_RECORDS.with(|n| n.replace(0));
         Deferred {
             core: &self.core,
             shared: &self.shared,
             previous,
+            previous_records,
         }
     }
 
@@ -1043,5 +1070,63 @@ mod tests {
             here,
             "on a slow disk the writer thread commits it"
         );
+    }
+
+    /// A thread leads only a batch of its own records: when another thread's record waits in
+    /// the queue too (the node is busy), it leaves the commit to the writer thread, which
+    /// commits both.
+    #[test]
+    fn a_thread_does_not_lead_while_records_of_other_threads_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        let runner = start(dir.path(), 64 << 10, 0, metrics.log.clone()).expect("start");
+        let log = runner.log();
+        log.shared
+            .lead_max_fsync_micros
+            .store(u64::MAX, Ordering::Relaxed);
+        let here = std::thread::current().id();
+        let (done_tx, done_rx) = mpsc::channel();
+        // Another thread queues a record and holds its guard: nobody is woken for it yet.
+        let (queued_tx, queued_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let other = std::thread::spawn({
+            let log = log.clone();
+            let done_tx = done_tx.clone();
+            move || {
+                let deferred = log.defer_wakeups();
+                log.append(page_set(
+                    1,
+                    bytes::Bytes::from_static(b"the other thread's"),
+                    Box::new(move |r| {
+                        let _ = done_tx.send(("other", std::thread::current().id(), r));
+                    }),
+                ));
+                let _ = queued_tx.send(());
+                let _ = release_rx.recv_timeout(Duration::from_secs(10));
+                drop(deferred);
+            }
+        });
+        queued_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the other thread queued its record");
+        let deferred = log.defer_wakeups();
+        log.append(page_set(
+            2,
+            bytes::Bytes::from_static(b"this thread's"),
+            Box::new(move |r| {
+                let _ = done_tx.send(("own", std::thread::current().id(), r));
+            }),
+        ));
+        deferred.lead();
+        // Both complete, by the writer thread, while the other thread still holds its guard.
+        for _ in 0..2 {
+            let (whose, committer, result) = done_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("both records complete");
+            assert!(result.is_ok(), "{whose}: {result:?}");
+            assert_ne!(committer, here, "{whose} record committed by the leader");
+        }
+        let _ = release_tx.send(());
+        other.join().expect("other thread");
     }
 }
