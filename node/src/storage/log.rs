@@ -912,21 +912,26 @@ mod tests {
         }
     }
 
+    /// A log with small segments (commits by leaders can switch segments too) whose threads
+    /// lead however slow this machine's disk is: CI's fsyncs can average over the limit, and
+    /// then nobody would lead.
+    fn start_leading(dir: &Path) -> (Arc<crate::metrics::Metrics>, LogRunner, NodeLog) {
+        let metrics = crate::metrics::Metrics::new();
+        let runner = start(dir, 64 << 10, 0, metrics.log.clone()).expect("start");
+        let log = runner.log();
+        log.shared
+            .lead_max_fsync_micros
+            .store(u64::MAX, Ordering::Relaxed);
+        (metrics, runner, log)
+    }
+
     /// Threads that lead their own commits and threads that leave them to the writer thread
     /// append at once, across segment switches: every record completes durably, each thread's
     /// records keep their order, and the log on disk holds exactly what was acknowledged.
     #[test]
     fn leading_appenders_and_the_writer_thread_commit_everything_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
-        // Small segments: commits by leaders can switch segments too.
-        let runner = start(dir.path(), 64 << 10, 0, metrics.log.clone()).expect("start");
-        let log = runner.log();
-        // Leaders lead however slow this machine's disk is (CI's fsyncs can average over the
-        // limit, and then nobody would lead).
-        log.shared
-            .lead_max_fsync_micros
-            .store(u64::MAX, Ordering::Relaxed);
+        let (metrics, runner, log) = start_leading(dir.path());
         let (tx, rx) = mpsc::channel::<(u8, u32, bool, Result<u64, LogError>)>();
         const PER_THREAD: u32 = 400;
         let threads: Vec<_> = (0..4u8)
@@ -1078,12 +1083,7 @@ mod tests {
     #[test]
     fn a_thread_does_not_lead_while_records_of_other_threads_wait() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
-        let runner = start(dir.path(), 64 << 10, 0, metrics.log.clone()).expect("start");
-        let log = runner.log();
-        log.shared
-            .lead_max_fsync_micros
-            .store(u64::MAX, Ordering::Relaxed);
+        let (_metrics, _runner, log) = start_leading(dir.path());
         let here = std::thread::current().id();
         let (done_tx, done_rx) = mpsc::channel();
         // Another thread queues a record and holds its guard: nobody is woken for it yet.
