@@ -223,11 +223,8 @@ impl Core {
                 return;
             }
             if q.msgs.len() > own {
-                let wake = q.writer_waiting;
                 drop(q);
-                if wake {
-                    self.wake.notify_one();
-                }
+                self.kick();
                 return;
             }
             Self::take_batch(&mut q)
