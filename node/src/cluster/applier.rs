@@ -2,10 +2,13 @@
 //! entry straight into the database file — no SQLite involved, the same way recovery does.
 //!
 //! One thread applies entries in order. A followed object's pages are held in memory and written
-//! out together every few seconds ([`WRITE_OUT_EVERY`]), so a page that many entries change is
-//! written once rather than once per entry; before that, when the held pages pass
-//! [`WRITE_OUT_BYTES`]; and at once when the slot stops being followed (a promotion waits for its
-//! entries to be in the files). The written files are then made durable by the
+//! out every few seconds ([`WRITE_OUT_EVERY`]), so a page that many entries change is written
+//! once rather than once per entry; before that, when the held pages pass [`WRITE_OUT_BYTES`];
+//! and at once when the slot stops being followed (a promotion waits for its entries to be in the
+//! files). The slots take turns ([`WRITE_OUT_ROUNDS`] per period), so a few files at a time are
+//! written and synced, not every followed file at once: such a burst of file syncs, on a disk
+//! shared with the node log, held back the log's own syncs, and with them the acknowledgements
+//! of the writes that arrived meanwhile. The written files are then made durable by the
 //! [`checkpointer`](super::checkpointer), which logs checkpoint markers for them so the node log
 //! can retire the segments holding their entries. Directories whose entries it changes (files
 //! created or removed) go into the node's [`PendingDirs`], synced before any checkpoint marker.
@@ -19,7 +22,7 @@ use crate::storage::log::NodeLog;
 use crate::storage::record::{Checkpoint, Entry, ObjectKey, PageSetView, RecordKind, SlotKey};
 use crate::storage::recovery::{discard_wal, remove_database_files, replay_object};
 use crate::storage::sync_failures::SyncFailures;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -58,10 +61,26 @@ pub struct Applier {
 pub const WRITE_OUT_EVERY: Duration = Duration::from_secs(3);
 /// Held pages past this many bytes are written out early.
 pub const WRITE_OUT_BYTES: usize = 32 << 20;
+/// The turns a write-out period is cut into: each slot is written out in one of them (see
+/// [`round_of`]), one turn every `WRITE_OUT_EVERY / WRITE_OUT_ROUNDS`.
+pub const WRITE_OUT_ROUNDS: u32 = 30;
 /// After a busy stretch the applier pauses this long before looking for more work, so entries
 /// arriving at thousands per second are applied in batches rather than each waking the thread
 /// (wake-ups were a visible share of a follower's CPU). Promotion waits at most this much more.
 const APPLY_PAUSE: Duration = Duration::from_millis(10);
+/// One turn of the write-out.
+const ROUND: Duration =
+    Duration::from_millis(WRITE_OUT_EVERY.as_millis() as u64 / WRITE_OUT_ROUNDS as u64);
+
+/// The turn in which `slot` is written out: the slots a node follows are spread evenly over the
+/// turns (slot numbers are consecutive; the colo shifts them so colos do not share turns).
+fn round_of(slot: &SlotKey) -> u32 {
+    let colo = slot
+        .colo
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    colo.wrapping_add(slot.slot) % WRITE_OUT_ROUNDS
+}
 
 impl Applier {
     /// `log` writes to `log_dir` (read back to rebuild a file that failed to sync); `sync_failed`
@@ -157,10 +176,15 @@ struct Worker {
     /// Objects changed since the last write-out: log position and slot position of their last
     /// entry (what their checkpoint marker will say once the file is durable).
     dirty: HashMap<ObjectKey, (u64, Lsn)>,
+    /// The objects with held pages or a marker to log, by the slot of their entries: what the
+    /// slot's turn writes out.
+    by_slot: HashMap<SlotKey, HashSet<ObjectKey>>,
     /// Directories whose entries changed and are not yet durable (files created or removed).
     new_dirs: Arc<PendingDirs>,
     sync_failures: Arc<SyncFailures>,
-    last_write_out: Instant,
+    /// The next turn, and when it is due.
+    round: u32,
+    next_round: Instant,
 }
 
 impl Worker {
@@ -188,7 +212,9 @@ impl Worker {
             dirty: HashMap::new(),
             new_dirs,
             sync_failures,
-            last_write_out: Instant::now(),
+            by_slot: HashMap::new(),
+            round: 0,
+            next_round: Instant::now() + ROUND,
         })
     }
 
@@ -203,7 +229,15 @@ impl Worker {
                     std::thread::sleep(APPLY_PAUSE);
                     continue;
                 }
-                Err(TryRecvError::Empty) => rx.recv_timeout(WRITE_OUT_EVERY),
+                Err(TryRecvError::Empty) if self.by_slot.is_empty() => {
+                    let job = rx.recv().map_err(|_| RecvTimeoutError::Disconnected);
+                    // Idle until now: the turns start again from here.
+                    self.next_round = Instant::now() + ROUND;
+                    job
+                }
+                Err(TryRecvError::Empty) => {
+                    rx.recv_timeout(self.next_round.saturating_duration_since(Instant::now()))
+                }
             };
             match next {
                 Ok(Job::Apply {
@@ -213,7 +247,7 @@ impl Worker {
                     floor,
                 }) => {
                     let lsn = entry.lsn();
-                    self.take_entry(&entry, log_lsn, floor);
+                    self.take_entry(&slot.key, &entry, log_lsn, floor);
                     // Anything but a follower (a recovering owner catching up) needs its entries
                     // in the files now.
                     let followed = matches!(slot.role(), Role::Follower { .. });
@@ -238,10 +272,64 @@ impl Worker {
                     return;
                 }
             }
-            if self.last_write_out.elapsed() >= WRITE_OUT_EVERY {
-                self.write_out(None);
+            self.take_turns();
+        }
+    }
+
+    /// Writes out the slots whose turn has come. After a stall longer than a whole period (a
+    /// disk that kept refusing) every slot is written at once.
+    fn take_turns(&mut self) {
+        let now = Instant::now();
+        if self.by_slot.is_empty() {
+            return;
+        }
+        if now.saturating_duration_since(self.next_round) > WRITE_OUT_EVERY {
+            self.write_out(None);
+            self.next_round = now + ROUND;
+            return;
+        }
+        while now >= self.next_round {
+            let round = self.round;
+            let due: Vec<SlotKey> = self
+                .by_slot
+                .keys()
+                .filter(|k| round_of(k) == round)
+                .cloned()
+                .collect();
+            if !due.is_empty() {
+                self.write_out_slots(&due);
+            }
+            self.round = (self.round + 1) % WRITE_OUT_ROUNDS;
+            self.next_round += ROUND;
+        }
+    }
+
+    /// Writes the held pages of `slots`' objects, then hands their files to the checkpointer.
+    fn write_out_slots(&mut self, slots: &[SlotKey]) {
+        self.retrying(|w| w.write_pages(Some(slots)));
+        let mut files = Vec::new();
+        for key in slots {
+            for object in self.by_slot.remove(key).unwrap_or_default() {
+                if let Some(file) = self.marker_of(object) {
+                    files.push(file);
+                }
             }
         }
+        self.checkpointer.submit(Durable { files, done: None });
+    }
+
+    /// The file to make durable for `object`'s marker, if it has one to log.
+    fn marker_of(&mut self, object: ObjectKey) -> Option<(DbFile, Checkpoint)> {
+        let (upto, slot_lsn) = self.dirty.remove(&object)?;
+        let path = self.path_of(&object);
+        Some((
+            DbFile::Path(path),
+            Checkpoint {
+                object,
+                upto,
+                slot_lsn,
+            },
+        ))
     }
 
     /// Runs `step` until it succeeds: applied entries cannot be skipped, so a failing disk stops
@@ -255,22 +343,15 @@ impl Worker {
         }
     }
 
-    /// Writes the held pages, then hands the files written since the last write-out to the
+    /// Writes every held page, then hands every file written since its slot's last turn to the
     /// checkpointer (`done` answers once they are durable).
     fn write_out(&mut self, done: Option<Sender<()>>) {
         self.retrying(Worker::write_held);
-        self.last_write_out = Instant::now();
-        let files = std::mem::take(&mut self.dirty)
+        self.by_slot.clear();
+        let objects: Vec<ObjectKey> = self.dirty.keys().cloned().collect();
+        let files = objects
             .into_iter()
-            .map(|(object, (upto, slot_lsn))| {
-                let path = self.path_of(&object);
-                let marker = Checkpoint {
-                    object,
-                    upto,
-                    slot_lsn,
-                };
-                (DbFile::Path(path), marker)
-            })
+            .filter_map(|object| self.marker_of(object))
             .collect();
         self.checkpointer.submit(Durable { files, done });
     }
@@ -278,13 +359,22 @@ impl Worker {
     /// Takes an entry into the held pages, unless a snapshot sync's `floor` covers it. The entry
     /// is durable in the log, but the file must hold it before the slot counts it as applied (a
     /// promotion waits for that): retries until the disk takes it — later entries wait in line.
-    fn take_entry(&mut self, entry: &Entry, log_lsn: u64, floor: Option<Lsn>) {
-        if self.sync_failures.is_marked(&entry.object()) {
-            self.repair(&entry.object(), log_lsn, floor);
+    fn take_entry(&mut self, slot: &SlotKey, entry: &Entry, log_lsn: u64, floor: Option<Lsn>) {
+        let object = entry.object();
+        if self.sync_failures.is_marked(&object) {
+            self.repair(&object, log_lsn, floor);
         }
         match floor {
-            Some(f) if entry.lsn() <= f => self.mark_covered(entry.object(), log_lsn, f),
+            Some(f) if entry.lsn() <= f => self.mark_covered(object.clone(), log_lsn, f),
             _ => self.retrying(|w| w.apply(entry, log_lsn)),
+        }
+        match self.by_slot.get_mut(slot) {
+            Some(objects) => {
+                objects.insert(object);
+            }
+            None => {
+                self.by_slot.insert(slot.clone(), HashSet::from([object]));
+            }
         }
     }
 
@@ -369,7 +459,23 @@ impl Worker {
     /// Writes every held page into its database file and notes the slots' entries as applied.
     /// An object whose file cannot be written keeps its pages (the caller retries).
     fn write_held(&mut self) -> std::io::Result<()> {
-        let keys: Vec<ObjectKey> = self.held.keys().cloned().collect();
+        self.write_pages(None)
+    }
+
+    /// Writes the held pages of `slots`' objects (of every object: `None`) into their database
+    /// files and notes those slots' entries as applied. An object whose file cannot be written
+    /// keeps its pages (the caller retries).
+    fn write_pages(&mut self, slots: Option<&[SlotKey]>) -> std::io::Result<()> {
+        let keys: Vec<ObjectKey> = match slots {
+            None => self.held.keys().cloned().collect(),
+            Some(slots) => slots
+                .iter()
+                .filter_map(|s| self.by_slot.get(s))
+                .flatten()
+                .filter(|o| self.held.contains_key(*o))
+                .cloned()
+                .collect(),
+        };
         for key in keys {
             let path = self.path_of(&key);
             if let Some(dir) = path.parent() {
@@ -394,8 +500,19 @@ impl Worker {
                 self.held_bytes -= h.bytes();
             }
         }
-        for (_, (slot, lsn)) in self.unwritten.drain() {
-            slot.note_applied(lsn);
+        match slots {
+            None => {
+                for (_, (slot, lsn)) in self.unwritten.drain() {
+                    slot.note_applied(lsn);
+                }
+            }
+            Some(slots) => {
+                for key in slots {
+                    if let Some((slot, lsn)) = self.unwritten.remove(key) {
+                        slot.note_applied(lsn);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -477,8 +594,13 @@ mod tests {
     const PAGE: u32 = 512;
 
     fn entry(seq: u64, pages: &[(u32, u8)], db_pages: u32) -> Entry {
-        let object = ObjectKey::new(Arc::from("ns"), ObjectId::from_bytes([7; 32]));
-        let mut b = PageSetBuilder::new(&object, &SlotKey::new("c", 0), PAGE, db_pages, 2);
+        entry_in(7, 0, seq, pages, db_pages)
+    }
+
+    /// An entry of object `[object; 32]` in slot `slot` of colo `c`.
+    fn entry_in(object: u8, slot: u32, seq: u64, pages: &[(u32, u8)], db_pages: u32) -> Entry {
+        let object = ObjectKey::new(Arc::from("ns"), ObjectId::from_bytes([object; 32]));
+        let mut b = PageSetBuilder::new(&object, &SlotKey::new("c", slot), PAGE, db_pages, 2);
         for (pgno, fill) in pages {
             let mut page = vec![*fill; PAGE as usize];
             page[1] = seq as u8;
@@ -683,7 +805,7 @@ mod tests {
         let floor = Lsn::new(1, 5);
 
         let log_lsn = log_record(&runner.log(), skipped.kind, object.clone(), skipped.bytes());
-        worker.take_entry(&skipped, log_lsn, Some(floor));
+        worker.take_entry(&skipped.slot(), &skipped, log_lsn, Some(floor));
         write_out_and_wait(&mut worker);
         runner.log().sync().expect("log sync");
         assert_eq!(
@@ -746,7 +868,7 @@ mod tests {
             .collect();
 
         for (e, lsn) in entries.iter().zip(&log_lsns).take(2) {
-            worker.take_entry(e, *lsn, None);
+            worker.take_entry(&e.slot(), e, *lsn, None);
         }
         worker.write_held().expect("write held pages");
         let file = crate::object::db_path(&objects, &entries[0].object());
@@ -756,7 +878,7 @@ mod tests {
         let failing = || Err(std::io::Error::other("injected writeback error"));
         assert!(failures.sync_file(&entries[0].object(), failing).is_err());
 
-        worker.take_entry(&entries[2], log_lsns[2], None);
+        worker.take_entry(&entries[2].slot(), &entries[2], log_lsns[2], None);
         worker.write_held().expect("write held pages");
         assert!(!failures.is_marked(&entries[0].object()), "rebuilt");
         let expected = tmp.path().join("expected.db");
@@ -783,5 +905,78 @@ mod tests {
             markers.iter().map(|c| c.upto).collect::<Vec<_>>(),
             vec![log_lsns[2]]
         );
+    }
+    #[test]
+    fn the_slots_of_a_colo_take_the_write_out_turns_evenly() {
+        let mut turns = vec![0; WRITE_OUT_ROUNDS as usize];
+        for slot in 0..WRITE_OUT_ROUNDS * 4 {
+            turns[round_of(&SlotKey::new("colo-a", slot)) as usize] += 1;
+        }
+        assert_eq!(turns, vec![4; WRITE_OUT_ROUNDS as usize]);
+    }
+
+    /// A turn writes out the held pages of its own slots only, and logs their markers once the
+    /// files are durable; the other slot's pages stay held (and its entries unmarked) until its
+    /// turn or a full write-out.
+    #[test]
+    fn a_turn_writes_out_only_its_own_slots_and_logs_their_markers() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (runner, log_dir, objects, mut worker) =
+            worker_in(tmp.path(), Arc::new(SyncFailures::default()));
+        let (mine, other) = (
+            entry_in(7, 0, 1, &[(1, 0x71)], 1),
+            entry_in(8, 1, 1, &[(1, 0x81)], 1),
+        );
+        assert_ne!(round_of(&mine.slot()), round_of(&other.slot()));
+        let lsns: Vec<u64> = [&mine, &other]
+            .iter()
+            .map(|e| log_record(&runner.log(), e.kind, e.object(), e.bytes()))
+            .collect();
+        worker.take_entry(&mine.slot(), &mine, lsns[0], None);
+        worker.take_entry(&other.slot(), &other, lsns[1], None);
+
+        // The turn of `mine`'s slot is due.
+        worker.round = round_of(&mine.slot());
+        worker.next_round = Instant::now();
+        worker.take_turns();
+
+        let file = |e: &Entry| crate::object::db_path(&objects, &e.object());
+        let mut page = vec![0x71u8; PAGE as usize];
+        page[1] = 1;
+        assert_eq!(std::fs::read(file(&mine)).expect("written"), page);
+        assert!(!file(&other).exists(), "the other slot waits for its turn");
+        assert_eq!(
+            worker.by_slot.keys().cloned().collect::<Vec<_>>(),
+            vec![other.slot()]
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut markers = Vec::new();
+        while markers.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            runner.log().sync().expect("log sync");
+            markers = crate::storage::recovery::checkpoint_markers(&log_dir);
+        }
+        assert_eq!(
+            markers,
+            vec![Checkpoint {
+                object: mine.object(),
+                upto: lsns[0],
+                slot_lsn: mine.lsn(),
+            }],
+            "a marker for the slot whose turn it was, and none for the other"
+        );
+
+        // A full write-out (a flush, a promotion) takes the rest.
+        write_out_and_wait(&mut worker);
+        runner.log().sync().expect("log sync");
+        assert!(file(&other).exists());
+        assert_eq!(
+            crate::storage::recovery::checkpoint_markers(&log_dir)
+                .iter()
+                .map(|c| c.upto)
+                .collect::<Vec<_>>(),
+            lsns
+        );
+        assert!(worker.by_slot.is_empty());
     }
 }
