@@ -276,18 +276,13 @@ impl Worker {
         }
     }
 
-    /// Writes out the slots whose turn has come. After a stall longer than a whole period (a
-    /// disk that kept refusing) every slot is written at once.
+    /// Writes out the slots whose turn has come: after a stall (a disk that kept refusing) every
+    /// turn missed, so a whole period behind means every slot.
     fn take_turns(&mut self) {
-        let now = Instant::now();
         if self.by_slot.is_empty() {
             return;
         }
-        if now.saturating_duration_since(self.next_round) > WRITE_OUT_EVERY {
-            self.write_out(None);
-            self.next_round = now + ROUND;
-            return;
-        }
+        let now = Instant::now();
         while now >= self.next_round {
             let round = self.round;
             let due: Vec<SlotKey> = self
@@ -978,5 +973,28 @@ mod tests {
             lsns
         );
         assert!(worker.by_slot.is_empty());
+    }
+    /// An applier that fell more than a whole period behind its turns (a disk that kept
+    /// refusing) takes every turn it missed, so every slot is written, and its next turn is
+    /// ahead of it again.
+    #[test]
+    fn an_applier_a_whole_period_behind_takes_every_missed_turn() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_runner, _log_dir, objects, mut worker) =
+            worker_in(tmp.path(), Arc::new(SyncFailures::default()));
+        let entries = [
+            entry_in(7, 0, 1, &[(1, 0x71)], 1),
+            entry_in(8, 1, 1, &[(1, 0x81)], 1),
+        ];
+        for e in &entries {
+            worker.take_entry(&e.slot(), e, 1, None);
+        }
+        worker.next_round = Instant::now() - WRITE_OUT_EVERY - ROUND;
+        worker.take_turns();
+        for e in &entries {
+            assert!(crate::object::db_path(&objects, &e.object()).exists());
+        }
+        assert!(worker.by_slot.is_empty() && worker.held.is_empty());
+        assert!(worker.next_round > Instant::now(), "the turns start again");
     }
 }
