@@ -9,10 +9,11 @@
 //! flight on the node) may commit its own record instead when no commit is under way
 //! ([`NodeLog::defer_wakeups`], [`Deferred::lead`]): a sequential client then waits for one fsync
 //! and no thread hand-off, which on a virtual machine costs tens of microseconds per wake-up of
-//! an idle CPU. Only a thread whose own records are all that is queued leads: records of other
-//! threads waiting too mean the node is busy, and a leader would hold an async worker through
-//! the fsync while they and other requests wait for it. Either way one committer runs at a
-//! time, in queue order.
+//! an idle CPU. Only a thread whose own records are all that is queued leads, and only while
+//! recent commits carried about one record each: records of other threads waiting, or commits
+//! that carry many, mean the node is busy, and a leader would hold an async worker through the
+//! fsync while they and other requests wait for it. Either way one committer runs at a time, in
+//! queue order.
 //!
 //! A segment is retired (recycled as a spare) once every object with a record in it has
 //! checkpointed past that record; the writer publishes which objects hold the oldest segment back
@@ -150,6 +151,8 @@ struct Queue {
     writer_waiting: bool,
     /// Live `NodeLog` handles; the writer thread exits when none is left and the queue is empty.
     handles: usize,
+    /// Records per recent commit, a moving average in sixteenths (see [`LEAD_MAX_BATCH_X16`]).
+    batch_x16: usize,
 }
 
 /// What the handles and the writer thread share: the queue, and the writer state that only the
@@ -204,6 +207,7 @@ impl Core {
             }
             n += 1;
         }
+        q.batch_x16 = (q.batch_x16 * 7 + n * 16) / 8;
         q.msgs.drain(..n).collect()
     }
 
@@ -222,7 +226,7 @@ impl Core {
             if q.busy || q.msgs.is_empty() {
                 return;
             }
-            if q.msgs.len() > own {
+            if q.msgs.len() > own || q.batch_x16 > LEAD_MAX_BATCH_X16 {
                 drop(q);
                 self.kick();
                 return;
@@ -331,6 +335,12 @@ pub struct Deferred<'a> {
     /// The thread's count of deferred records before this guard (guards may nest).
     previous_records: usize,
 }
+
+/// Threads lead commits only while recent commits carried at most this many records on average
+/// (in sixteenths: 1.5). Under concurrent load commits carry many; a leader then holds an async
+/// worker through an fsync that, on a busy CPU, takes several times longer on that thread than
+/// on the writer thread, and every record queued meanwhile waits for it.
+const LEAD_MAX_BATCH_X16: usize = 24;
 
 /// Threads lead commits only while fsyncs take less than this; when the disk is slow, waiting
 /// for it is the writer thread's job.
@@ -603,6 +613,7 @@ pub fn start(
             busy: false,
             writer_waiting: false,
             handles: 1,
+            batch_x16: 16,
         }),
         wake: Condvar::new(),
         writer: Mutex::new(writer),
@@ -1145,5 +1156,66 @@ mod tests {
             return;
         }
         panic!("the writer thread's timer took the other record in every attempt");
+    }
+
+    /// After commits that carried several records each (a busy node), a thread leaves even a
+    /// lone record of its own to the writer thread; once commits carry one record again, it
+    /// leads again.
+    #[test]
+    fn a_thread_does_not_lead_while_recent_commits_carried_many_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_metrics, _runner, log) = start_leading(dir.path());
+        let here = std::thread::current().id();
+        // Appends `count` records under one guard, leads or drops it, and returns the threads
+        // that committed them once all are durable.
+        let append = |count: u8, lead: bool| {
+            let (tx, rx) = mpsc::channel();
+            let deferred = log.defer_wakeups();
+            for n in 0..count {
+                let tx = tx.clone();
+                log.append(page_set(
+                    n,
+                    bytes::Bytes::from_static(b"page set"),
+                    Box::new(move |r| {
+                        let _ = tx.send((std::thread::current().id(), r));
+                    }),
+                ));
+            }
+            if lead {
+                deferred.lead();
+            } else {
+                drop(deferred);
+            }
+            (0..count)
+                .map(|_| {
+                    let (committer, result) = rx
+                        .recv_timeout(Duration::from_secs(5))
+                        .expect("the append completes");
+                    assert!(result.is_ok(), "{result:?}");
+                    committer
+                })
+                .collect::<Vec<_>>()
+        };
+        // Eight records queued under one guard go out in one commit by the writer thread
+        // (unless its idle timer takes some early; then the batch is tried again).
+        let busy = (0..5).any(|_| {
+            append(8, false);
+            log.core.queue().batch_x16 > LEAD_MAX_BATCH_X16
+        });
+        assert!(
+            busy,
+            "a commit of eight records lifts the average over the limit"
+        );
+        assert_ne!(
+            append(1, true),
+            vec![here],
+            "after busy commits, the writer thread commits a lone record"
+        );
+        // Each commit of one record brings the average down: within a few, the thread leads.
+        let led = (0..40).any(|_| append(1, true) == vec![here]);
+        assert!(
+            led,
+            "once commits carry one record again, a thread leads its own"
+        );
     }
 }
