@@ -1034,6 +1034,30 @@ mod tests {
         }
     }
 
+    /// Appends one record under a deferral guard, leads or drops the guard, and tells which
+    /// thread committed the record.
+    fn commit_one(log: &NodeLog, lead: bool) -> std::thread::ThreadId {
+        let (tx, rx) = mpsc::channel();
+        let deferred = log.defer_wakeups();
+        log.append(page_set(
+            9,
+            bytes::Bytes::from_static(b"page set"),
+            Box::new(move |r| {
+                let _ = tx.send((std::thread::current().id(), r));
+            }),
+        ));
+        if lead {
+            deferred.lead();
+        } else {
+            drop(deferred);
+        }
+        let (committer, result) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the append completes");
+        assert!(result.is_ok(), "{result:?}");
+        committer
+    }
+
     /// Who commits a deferred append: the appending thread when it leads on an idle log; the
     /// writer thread when the appender drops its guard instead, or leads while fsyncs are slow.
     #[test]
@@ -1043,28 +1067,7 @@ mod tests {
         let runner = start(dir.path(), 64 << 10, 0, metrics.log.clone()).expect("start");
         let log = runner.log();
         let here = std::thread::current().id();
-        // Appends one record, leads or drops the guard, and tells which thread committed it.
-        let append = |lead: bool| {
-            let (tx, rx) = mpsc::channel();
-            let deferred = log.defer_wakeups();
-            log.append(page_set(
-                9,
-                bytes::Bytes::from_static(b"page set"),
-                Box::new(move |r| {
-                    let _ = tx.send((std::thread::current().id(), r));
-                }),
-            ));
-            if lead {
-                deferred.lead();
-            } else {
-                drop(deferred);
-            }
-            let (committer, result) = rx
-                .recv_timeout(Duration::from_secs(5))
-                .expect("the append completes");
-            assert!(result.is_ok(), "{result:?}");
-            committer
-        };
+        let append = |lead: bool| commit_one(&log, lead);
 
         // Leading, whatever this machine's disk is like. The writer thread takes the record
         // instead when it happens to be awake (starting, or its idle timer) between the append
@@ -1180,30 +1183,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_metrics, _runner, log) = start_leading(dir.path());
         let here = std::thread::current().id();
-        // Appends one record, leads or drops the guard, and tells which thread committed it.
-        // It first lets the writer thread fall asleep: one still awake after the last commit
-        // takes a record before its thread can lead (on a loaded machine, often).
+        // Each append first lets the writer thread fall asleep: one still awake after the last
+        // commit takes a record before its thread can lead (on a loaded machine, often).
         let append = |lead: bool| {
             std::thread::sleep(Duration::from_millis(5));
-            let (tx, rx) = mpsc::channel();
-            let deferred = log.defer_wakeups();
-            log.append(page_set(
-                9,
-                bytes::Bytes::from_static(b"page set"),
-                Box::new(move |r| {
-                    let _ = tx.send((std::thread::current().id(), r));
-                }),
-            ));
-            if lead {
-                deferred.lead();
-            } else {
-                drop(deferred);
-            }
-            let (committer, result) = rx
-                .recv_timeout(Duration::from_secs(5))
-                .expect("the append completes");
-            assert!(result.is_ok(), "{result:?}");
-            committer
+            commit_one(&log, lead)
         };
         // A chain of records, each appended by the completion of the one before: every commit
         // but the last ends with the next record waiting.
