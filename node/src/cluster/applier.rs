@@ -901,6 +901,7 @@ mod tests {
             vec![log_lsns[2]]
         );
     }
+
     #[test]
     fn the_slots_of_a_colo_take_the_write_out_turns_evenly() {
         let mut turns = vec![0; WRITE_OUT_ROUNDS as usize];
@@ -974,6 +975,7 @@ mod tests {
         );
         assert!(worker.by_slot.is_empty());
     }
+
     /// An applier that fell more than a whole period behind its turns (a disk that kept
     /// refusing) takes every turn it missed, so every slot is written, and its next turn is
     /// ahead of it again.

@@ -10,8 +10,8 @@
 //! ([`NodeLog::defer_wakeups`], [`Deferred::lead`]): a sequential client then waits for one fsync
 //! and no thread hand-off, which on a virtual machine costs tens of microseconds per wake-up of
 //! an idle CPU. Only a thread whose own records are all that is queued leads, and only while
-//! most recent commits found no records waiting when they ended: records of other threads
-//! waiting mean the node is busy, and a leader would hold an async worker through the fsync
+//! at least three quarters of recent commits found no records waiting when they ended: records
+//! of other threads waiting mean the node is busy, and a leader would hold an async worker through the fsync
 //! while they and other requests wait for it. Either way one committer runs at a time, in queue
 //! order.
 //!
@@ -152,7 +152,7 @@ struct Queue {
     /// Live `NodeLog` handles; the writer thread exits when none is left and the queue is empty.
     handles: usize,
     /// How often recent commits ended with records of others waiting: a moving average, in
-    /// 256ths (256: every one). See [`LEAD_MAX_BUSY_SHARE`].
+    /// [`BUSY_ALWAYS`]ths. See [`LEAD_MAX_BUSY_SHARE`].
     busy_share: usize,
 }
 
@@ -161,7 +161,7 @@ impl Queue {
     /// others were waiting for it.
     fn end_commit(&mut self) {
         self.busy = false;
-        let waited = if self.msgs.is_empty() { 0 } else { 256 };
+        let waited = if self.msgs.is_empty() { 0 } else { BUSY_ALWAYS };
         self.busy_share = (self.busy_share * 7 + waited) / 8;
     }
 }
@@ -346,15 +346,18 @@ pub struct Deferred<'a> {
     previous_records: usize,
 }
 
+/// The busy share of a log whose every commit ends with records of others waiting.
+const BUSY_ALWAYS: usize = 256;
+
 /// Threads lead commits only while at most a quarter of the recent commits ended with records
-/// of others waiting (in 256ths). Other records arriving during commits mean other work on the
+/// of others waiting. Other records arriving during commits mean other work on the
 /// node: a leader then holds an async worker through an fsync that, on a busy CPU, takes several
 /// times longer on that thread than on the writer thread, and every record queued meanwhile
 /// waits for it. A thread that is the node's only source of records (a sequential client, or a
 /// follower streaming from one owner) keeps leading. Measured with 64 clients on 5 nodes: at
 /// half, workers still led a quarter of the fsyncs; at a quarter, 3 %; followers streaming from
 /// one busy owner kept leading either way.
-const LEAD_MAX_BUSY_SHARE: usize = 64;
+const LEAD_MAX_BUSY_SHARE: usize = BUSY_ALWAYS / 4;
 
 /// Threads lead commits only while fsyncs take less than this; when the disk is slow, waiting
 /// for it is the writer thread's job.
