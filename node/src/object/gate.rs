@@ -22,6 +22,9 @@ struct GateState {
     /// Log position of the newest durable commit.
     last_lsn: u64,
     waiters: VecDeque<(u64, Release)>,
+    /// Threads blocked in [`Gate::wait_settled`]. A condvar notify is a system call even when
+    /// nobody waits, and `settle` runs for every commit, while blocking waits are rare.
+    sleepers: usize,
 }
 
 #[derive(Default)]
@@ -62,7 +65,7 @@ impl Gate {
 
     /// Called (in ticket order) when the log has made commit `ticket` durable or failed it.
     pub fn settle(&self, ticket: u64, result: Result<u64, ApiError>) {
-        let released: Vec<(Release, Result<(), ApiError>)> = {
+        let (released, sleepers) = {
             let mut s = self.lock();
             s.settled = s.settled.max(ticket);
             match result {
@@ -73,15 +76,17 @@ impl Gate {
                     }
                 }
             }
-            let mut out = Vec::new();
+            let mut out: Vec<(Release, Result<(), ApiError>)> = Vec::new();
             while s.waiters.front().is_some_and(|(t, _)| *t <= s.settled) {
                 if let Some((_, release)) = s.waiters.pop_front() {
                     out.push((release, s.failure.clone().map_or(Ok(()), Err)));
                 }
             }
-            out
+            (out, s.sleepers > 0)
         };
-        self.settled_cv.notify_all();
+        if sleepers {
+            self.settled_cv.notify_all();
+        }
         for (release, result) in released {
             release(result);
         }
@@ -109,10 +114,12 @@ impl Gate {
     pub fn wait_settled(&self) -> Result<u64, ApiError> {
         let mut s = self.lock();
         while s.settled < s.submitted {
+            s.sleepers += 1;
             s = self
                 .settled_cv
                 .wait(s)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            s.sleepers -= 1;
         }
         match &s.failure {
             Some(e) => Err(e.clone()),
@@ -210,10 +217,24 @@ mod tests {
         let gate = Arc::new(Gate::default());
         let t = gate.submit();
         let g = gate.clone();
-        let waiter = std::thread::spawn(move || g.wait_settled());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!waiter.is_finished());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(g.wait_settled()));
+        // Settle only once the waiter sleeps on the condvar: the wake-up is what is tested.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while gate.lock().sleepers == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never slept"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(rx.try_recv().is_err(), "nothing settled yet");
         gate.settle(t, Ok(7));
-        assert_eq!(waiter.join().ok(), Some(Ok(7)));
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(5)),
+            Ok(Ok(7)),
+            "the sleeping waiter is woken"
+        );
+        assert_eq!(gate.lock().sleepers, 0);
     }
 }
