@@ -310,7 +310,7 @@ impl Slot {
         let frame = append_frame(&entry, epoch);
         let object = entry.object();
         let kind = entry.kind;
-        let bytes = bytes::Bytes::from(entry.into_bytes());
+        let bytes = entry.shared_bytes();
         cl.links.send_to_each(
             st.progress
                 .iter()
@@ -707,7 +707,7 @@ impl Slot {
                 slot: self.key.clone(),
                 generation: st.generation,
             }),
-            payload: bytes::Bytes::copy_from_slice(shared.bytes()),
+            payload: shared.shared_bytes(),
             done: Box::new(move |r| {
                 slot.on_follower_durable(&cl2, pos, sender_epoch, r, for_apply, &reply)
             }),

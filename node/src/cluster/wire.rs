@@ -262,7 +262,7 @@ fn parse(b: &mut Bytes) -> Result<Frame, WireError> {
 /// Builds an append frame for an entry, sent by the owner of `epoch`.
 pub fn append_frame(entry: &Entry, epoch: u64) -> Frame {
     Frame::Append {
-        entry: Bytes::copy_from_slice(entry.bytes()),
+        entry: entry.shared_bytes(),
         kind: entry.kind,
         epoch,
     }

@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -119,7 +119,11 @@ where
                 Ok(Some(frame)) => match frame {
                     Frame::Hello { node } => from = Some(node),
                     Frame::Append { entry, kind, epoch } => {
-                        let Ok(entry) = Entry::from_bytes(kind, entry.to_vec()) else {
+                        // One copy, of the entry's exact size, shared from here on by its ring
+                        // frame, log record and applier: a slice of the read buffer would keep
+                        // the whole buffer alive as long as the ring holds the entry.
+                        let Ok(entry) = Entry::from_bytes(kind, Bytes::copy_from_slice(&entry))
+                        else {
                             tracing::warn!(from = ?from, "malformed entry; dropping the connection");
                             break 'read;
                         };

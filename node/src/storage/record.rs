@@ -9,6 +9,7 @@
 
 use crate::id::{ID_LEN, ObjectId};
 use crate::lsn::Lsn;
+use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
@@ -189,10 +190,13 @@ fn encode_position(out: &mut Vec<u8>, slot: &SlotKey) -> usize {
 /// Layout: `[object][colo len u8][colo][slot u32][epoch u64][seq u64][chain u64][body]`. The
 /// position (epoch, seq, chain) is assigned by the slot's owner after the entry is built, so it is
 /// patched in place; the content checksum covers everything except the position block.
+///
+/// The bytes are shared, not copied, by the entry's replication frame, its node-log record and
+/// the follower's applier ([`Entry::shared_bytes`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Entry {
     pub kind: RecordKind,
-    bytes: Vec<u8>,
+    bytes: Bytes,
     /// Offset of the slot number (start of the fixed part of the position block).
     position_at: usize,
 }
@@ -211,14 +215,15 @@ impl Entry {
         let position_at = encode_position(&mut bytes, slot);
         Entry {
             kind: RecordKind::Delete,
-            bytes,
+            bytes: bytes.into(),
             position_at,
         }
     }
 
     /// Parses the envelope of a page-set or delete payload (the body is checked by
     /// [`PageSetView::decode`]).
-    pub fn from_bytes(kind: RecordKind, bytes: Vec<u8>) -> Result<Entry, DecodeError> {
+    pub fn from_bytes(kind: RecordKind, bytes: impl Into<Bytes>) -> Result<Entry, DecodeError> {
+        let bytes = bytes.into();
         if kind == RecordKind::Checkpoint {
             return Err(DecodeError("a checkpoint is not a replicated entry"));
         }
@@ -238,8 +243,9 @@ impl Entry {
         &self.bytes
     }
 
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+    /// The entry's bytes, sharing its allocation.
+    pub fn shared_bytes(&self) -> Bytes {
+        self.bytes.clone()
     }
 
     pub fn object(&self) -> ObjectKey {
@@ -284,9 +290,14 @@ impl Entry {
     pub fn place_after(&mut self, prev: SlotPos, lsn: Lsn) -> SlotPos {
         let chain = chain_after(prev.chain, lsn, self.kind, self.content_crc());
         let at = self.position_at;
-        self.bytes[at + 4..at + 12].copy_from_slice(&lsn.epoch.to_le_bytes());
-        self.bytes[at + 12..at + 20].copy_from_slice(&lsn.seq.to_le_bytes());
-        self.bytes[at + 20..at + 28].copy_from_slice(&chain.to_le_bytes());
+        // The owner places an entry it just built, before anything shares it: no copy then.
+        let mut bytes = std::mem::take(&mut self.bytes)
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        bytes[at + 4..at + 12].copy_from_slice(&lsn.epoch.to_le_bytes());
+        bytes[at + 12..at + 20].copy_from_slice(&lsn.seq.to_le_bytes());
+        bytes[at + 20..at + 28].copy_from_slice(&chain.to_le_bytes());
+        self.bytes = bytes.freeze();
         SlotPos { lsn, chain }
     }
 
@@ -376,7 +387,7 @@ impl PageSetBuilder {
         bytes.extend_from_slice(data);
         Entry {
             kind: RecordKind::PageSet,
-            bytes,
+            bytes: bytes.into(),
             position_at,
         }
     }
@@ -516,6 +527,27 @@ mod tests {
 
     fn slot() -> SlotKey {
         SlotKey::new("ams", 17)
+    }
+
+    #[test]
+    fn placing_a_fresh_entry_patches_it_in_place_and_never_changes_a_shared_copy() {
+        let mut b = PageSetBuilder::new(&key(), &slot(), 512, 9, 2);
+        b.push(1, &[1u8; 512]);
+        let mut entry = b.finish();
+        let before = entry.bytes().as_ptr();
+        let pos = entry.place_after(SlotPos::START, Lsn::new(3, 1));
+        assert_eq!(entry.bytes().as_ptr(), before, "not copied");
+        assert_eq!(entry.position(), pos);
+
+        // Shared (as with its frame or log record): placing it again must leave the sharer as
+        // it was.
+        let shared = entry.shared_bytes();
+        let snapshot = shared.to_vec();
+        let pos2 = entry.place_after(pos, Lsn::new(3, 2));
+        assert_eq!(&shared[..], &snapshot[..]);
+        assert_ne!(entry.bytes(), &shared[..]);
+        assert_eq!(entry.position(), pos2);
+        assert!(entry.follows(pos));
     }
 
     #[test]

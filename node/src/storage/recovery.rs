@@ -430,7 +430,7 @@ mod tests {
         }
         let mut e = b.finish();
         e.place_after(SlotPos::START, Lsn::new(1, seq));
-        e.into_bytes()
+        e.bytes().to_vec()
     }
 
     /// Writes `records` as the node log in `dir`, the first at log position 0.
@@ -469,7 +469,7 @@ mod tests {
         let a = object(1);
         let mut delete = Entry::delete(&a, &SlotKey::new("c", 0));
         delete.place_after(SlotPos::START, Lsn::new(1, 1));
-        write_log(&log, &[(RecordKind::Delete, delete.into_bytes())]);
+        write_log(&log, &[(RecordKind::Delete, delete.bytes().to_vec())]);
         let locate = |k: &ObjectKey| objects.join(k.id.to_hex()).join("x.db");
         let report = recover(&log, locate, &HashMap::new(), true, |_| Ok(())).expect("recover");
         assert_eq!(report.objects_deleted, 1);
