@@ -11,9 +11,9 @@
 //! and no thread hand-off, which on a virtual machine costs tens of microseconds per wake-up of
 //! an idle CPU. Only a thread whose own records are all that is queued leads, and only while
 //! at least three quarters of recent commits found no records waiting when they ended: records
-//! of other threads waiting mean the node is busy, and a leader would hold an async worker through the fsync
-//! while they and other requests wait for it. Either way one committer runs at a time, in queue
-//! order.
+//! of other threads waiting mean the node is busy, and a leader would hold an async worker
+//! through the fsync while they and other requests wait for it. Either way one committer runs
+//! at a time, in queue order.
 //!
 //! A segment is retired (recycled as a spare) once every object with a record in it has
 //! checkpointed past that record; the writer publishes which objects hold the oldest segment back
@@ -350,10 +350,10 @@ pub struct Deferred<'a> {
 const BUSY_ALWAYS: usize = 256;
 
 /// Threads lead commits only while at most a quarter of the recent commits ended with records
-/// of others waiting. Other records arriving during commits mean other work on the
-/// node: a leader then holds an async worker through an fsync that, on a busy CPU, takes several
-/// times longer on that thread than on the writer thread, and every record queued meanwhile
-/// waits for it. A thread that is the node's only source of records (a sequential client, or a
+/// of others waiting. Other records arriving during commits mean other work on the node: a
+/// leader then holds an async worker through an fsync that, on a busy CPU, takes several times
+/// longer on that thread than on the writer thread, and every record queued meanwhile waits
+/// for it. A thread that is the node's only source of records (a sequential client, or a
 /// follower streaming from one owner) keeps leading. Measured with 64 clients on 5 nodes: at
 /// half, workers still led a quarter of the fsyncs; at a quarter, 3 %; followers streaming from
 /// one busy owner kept leading either way.
