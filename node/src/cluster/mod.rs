@@ -948,6 +948,69 @@ mod tests {
         drop(runner);
     }
 
+    /// An owner's lease lapses while a write waits for its quorum; the object's next write is
+    /// refused at once. Through the object's gate (as the actor submits), the refusal must not
+    /// answer for the waiting write: that one went to the followers and may survive on the next
+    /// owner. Answered "not applied" (`not_owner`), a client saw its write served by the next
+    /// owner after being told it had no effect (a fault-suite run found this). Once the slot
+    /// moves away, both are answered `indeterminate`.
+    #[test]
+    fn a_write_refused_after_the_lease_lapsed_does_not_answer_for_one_still_waiting() {
+        use crate::object::gate::Gate;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster) = node_n1_with_lease(dir.path(), Some(Duration::from_millis(600)));
+        let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
+        cluster.lease.renewed(Instant::now(), 1);
+        cluster.apply_placement(every_slot(1, 1, "n1", &[]));
+        // Same owner and epoch, now with a voting follower that never answers: quorum 2 waits.
+        cluster.lease.renewed(Instant::now(), 2);
+        cluster.apply_placement(every_slot(2, 1, "n1", &["n2"]));
+        let slot = cluster.serving_slot(&object).expect("n1 serves the slot");
+
+        let gate = Arc::new(Gate::default());
+        let responses: Vec<_> = (0..2)
+            .map(|i| {
+                if i == 1 {
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while cluster.lease.valid() {
+                        assert!(Instant::now() < deadline, "the lease never lapsed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                let ticket = gate.submit();
+                let g = gate.clone();
+                let done = Box::new(move |r| g.settle(ticket, r));
+                let entry = crate::storage::record::Entry::delete(&object, &slot.key);
+                if let Err(e) = slot.append(&cluster, entry, 2, false, done) {
+                    assert_eq!((i, e.code), (1, "not_owner"), "only the second is refused");
+                    gate.settle(ticket, Err(e));
+                }
+                let (tx, rx) = std::sync::mpsc::channel();
+                gate.hold(Box::new(move |r| {
+                    let _ = tx.send(r.map_err(|e| e.code));
+                }));
+                rx
+            })
+            .collect();
+        assert!(gate.failed(), "the object resets before it executes more");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            responses[0].try_recv().is_err(),
+            "the waiting write is not answered by the refusal"
+        );
+
+        cluster.lease.renewed(Instant::now(), 3);
+        cluster.apply_placement(every_slot(3, 2, "n2", &["n1"]));
+        for (i, rx) in responses.iter().enumerate() {
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(5)),
+                Ok(Err("indeterminate")),
+                "write {i}"
+            );
+        }
+        drop(runner);
+    }
+
     /// A standalone node keeps no entries to resend (nothing ever receives from it); a node of a
     /// cluster that owns a slot alone keeps them, for a follower that comes back.
     #[test]

@@ -229,8 +229,9 @@ impl Actor {
         let deferred = env.log.defer_wakeups();
         match slot.append(&env.cluster, entry, quorum, lone, done) {
             Ok(pos) => self.last_lsn = pos.lsn,
-            // Committed locally but not accepted by the slot (it moved): the gate fails, and the
-            // object resets before its next request.
+            // Committed locally but not accepted by the slot (it moved, or its lease lapsed):
+            // the gate fails, and the object resets before its next request. The refusal answers
+            // only this commit and those after it; earlier ones keep their own outcome.
             Err(e) => handle.gate.settle(ticket, Err(e)),
         }
         if lone {

@@ -8,7 +8,7 @@
 
 use crate::error::ApiError;
 use crate::storage::log::LogError;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Sends a held response: `Ok` once everything before it is durable, or the failure.
@@ -17,8 +17,15 @@ pub type Release = Box<dyn FnOnce(Result<(), ApiError>) + Send>;
 #[derive(Default)]
 struct GateState {
     submitted: u64,
+    /// Every ticket up to this one has settled.
     settled: u64,
+    /// Tickets settled while an earlier one still waits; applied in order once it settles.
+    early: BTreeMap<u64, Result<u64, ApiError>>,
+    /// The first failure among the settled tickets, in ticket order: what responses behind it get.
     failure: Option<ApiError>,
+    /// Some commit failed, even one whose turn has not come: the database holds a change that
+    /// is not in the log, so the object must reset before it executes anything else.
+    broken: bool,
     /// Log position of the newest durable commit.
     last_lsn: u64,
     waiters: VecDeque<(u64, Release)>,
@@ -63,23 +70,37 @@ impl Gate {
         s.submitted
     }
 
-    /// Called (in ticket order) when the log has made commit `ticket` durable or failed it.
+    /// Called when the log has made commit `ticket` durable or failed it, usually in ticket
+    /// order (see the module comment for the exception).
     pub fn settle(&self, ticket: u64, result: Result<u64, ApiError>) {
         let (released, sleepers) = {
             let mut s = self.lock();
-            s.settled = s.settled.max(ticket);
-            match result {
-                Ok(lsn) => s.last_lsn = s.last_lsn.max(lsn),
-                Err(e) => {
-                    if s.failure.is_none() {
-                        s.failure = Some(e);
-                    }
-                }
+            if result.is_err() {
+                s.broken = true;
+            }
+            if ticket > s.settled {
+                s.early.insert(ticket, result);
             }
             let mut out: Vec<(Release, Result<(), ApiError>)> = Vec::new();
-            while s.waiters.front().is_some_and(|(t, _)| *t <= s.settled) {
-                if let Some((_, release)) = s.waiters.pop_front() {
-                    out.push((release, s.failure.clone().map_or(Ok(()), Err)));
+            loop {
+                let next = s.settled + 1;
+                let Some(result) = s.early.remove(&next) else {
+                    break;
+                };
+                s.settled = next;
+                match result {
+                    Ok(lsn) => s.last_lsn = s.last_lsn.max(lsn),
+                    Err(e) => {
+                        if s.failure.is_none() {
+                            s.failure = Some(e);
+                        }
+                    }
+                }
+                // Each response gets the outcome as of its own place in the order.
+                while s.waiters.front().is_some_and(|(t, _)| *t <= s.settled) {
+                    if let Some((_, release)) = s.waiters.pop_front() {
+                        out.push((release, s.failure.clone().map_or(Ok(()), Err)));
+                    }
                 }
             }
             (out, s.sleepers > 0)
@@ -127,13 +148,17 @@ impl Gate {
         }
     }
 
+    /// Whether a commit failed: the object must reset before it executes anything else.
     pub fn failed(&self) -> bool {
-        self.lock().failure.is_some()
+        self.lock().broken
     }
 
-    /// After a reset: the object serves again.
+    /// After a reset (which waits until everything submitted has settled): the object serves
+    /// again.
     pub fn clear_failure(&self) {
-        self.lock().failure = None;
+        let mut s = self.lock();
+        s.failure = None;
+        s.broken = false;
     }
 }
 
@@ -207,6 +232,58 @@ mod tests {
         assert!(gate.failed());
         assert!(gate.wait_settled().is_err());
         gate.clear_failure();
+        let (r3, rx3) = recorder();
+        gate.hold(r3);
+        assert_eq!(rx3.try_recv(), Ok(Ok(())));
+    }
+
+    /// The slot refuses a commit at once (its lease lapsed) while an earlier one waits for its
+    /// quorum. The earlier response must get its own outcome: answering it with the refusal
+    /// told a client "not applied" about a write the next owner then served.
+    #[test]
+    fn a_commit_refused_at_once_does_not_answer_for_earlier_ones() {
+        let refused = || ApiError::unavailable("not_owner", "lease lapsed");
+        let indeterminate = || ApiError::unavailable("indeterminate", "moved before a quorum");
+
+        // The earlier commit reaches its quorum: it succeeds, the refused one fails.
+        let gate = Gate::default();
+        let t1 = gate.submit();
+        let (r1, rx1) = recorder();
+        gate.hold(r1);
+        let t2 = gate.submit();
+        let (r2, rx2) = recorder();
+        gate.hold(r2);
+        gate.settle(t2, Err(refused()));
+        assert!(gate.failed(), "the object must reset before executing more");
+        assert!(rx1.try_recv().is_err(), "the first commit has not settled");
+        assert!(rx2.try_recv().is_err(), "held behind the first commit");
+        assert!(gate.pending());
+        gate.settle(t1, Ok(10));
+        assert_eq!(rx1.try_recv(), Ok(Ok(())));
+        assert_eq!(
+            rx2.try_recv().map(|r| r.map_err(|e| e.code)),
+            Ok(Err("not_owner"))
+        );
+        assert_eq!(gate.wait_settled().map_err(|e| e.code), Err("not_owner"));
+
+        // The earlier commit's outcome is unknown: both responses say so, not "not applied".
+        let gate = Gate::default();
+        let t1 = gate.submit();
+        let (r1, rx1) = recorder();
+        gate.hold(r1);
+        let t2 = gate.submit();
+        let (r2, rx2) = recorder();
+        gate.hold(r2);
+        gate.settle(t2, Err(refused()));
+        gate.settle(t1, Err(indeterminate()));
+        for rx in [rx1, rx2] {
+            assert_eq!(
+                rx.try_recv().map(|r| r.map_err(|e| e.code)),
+                Ok(Err("indeterminate"))
+            );
+        }
+        gate.clear_failure();
+        assert!(!gate.failed());
         let (r3, rx3) = recorder();
         gate.hold(r3);
         assert_eq!(rx3.try_recv(), Ok(Ok(())));
