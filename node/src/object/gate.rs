@@ -78,16 +78,16 @@ impl Gate {
             if result.is_err() {
                 s.broken = true;
             }
-            if ticket > s.settled {
+            // The usual case, the next ticket in order, goes without the map.
+            let mut current = None;
+            if ticket == s.settled + 1 {
+                current = Some(result);
+            } else if ticket > s.settled {
                 s.early.insert(ticket, result);
             }
             let mut out: Vec<(Release, Result<(), ApiError>)> = Vec::new();
-            loop {
-                let next = s.settled + 1;
-                let Some(result) = s.early.remove(&next) else {
-                    break;
-                };
-                s.settled = next;
+            while let Some(result) = current.take() {
+                s.settled += 1;
                 match result {
                     Ok(lsn) => s.last_lsn = s.last_lsn.max(lsn),
                     Err(e) => {
@@ -102,6 +102,8 @@ impl Gate {
                         out.push((release, s.failure.clone().map_or(Ok(()), Err)));
                     }
                 }
+                let next = s.settled + 1;
+                current = s.early.remove(&next);
             }
             (out, s.sleepers > 0)
         };
