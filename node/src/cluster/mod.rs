@@ -958,7 +958,7 @@ mod tests {
     fn a_write_refused_after_the_lease_lapsed_does_not_answer_for_one_still_waiting() {
         use crate::object::gate::Gate;
         let dir = tempfile::tempdir().expect("tempdir");
-        let (runner, cluster) = node_n1_with_lease(dir.path(), Some(Duration::from_millis(600)));
+        let (runner, cluster) = node_n1_with_lease(dir.path(), Some(Duration::from_millis(1500)));
         let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
         cluster.lease.renewed(Instant::now(), 1);
         cluster.apply_placement(every_slot(1, 1, "n1", &[]));
@@ -970,7 +970,10 @@ mod tests {
         let gate = Arc::new(Gate::default());
         let responses: Vec<_> = (0..2)
             .map(|i| {
-                if i == 1 {
+                if i == 0 {
+                    // Valid for 1.2 s from here: the first write goes in well within it.
+                    cluster.lease.renewed(Instant::now(), 2);
+                } else {
                     let deadline = Instant::now() + Duration::from_secs(5);
                     while cluster.lease.valid() {
                         assert!(Instant::now() < deadline, "the lease never lapsed");
