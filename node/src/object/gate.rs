@@ -239,6 +239,20 @@ mod tests {
         assert_eq!(rx3.try_recv(), Ok(Ok(())));
     }
 
+    type Held = (u64, mpsc::Receiver<Result<(), ApiError>>);
+
+    /// A gate with two commits submitted, each with a response held behind it.
+    fn two_held_commits() -> (Gate, [Held; 2]) {
+        let gate = Gate::default();
+        let held = [(); 2].map(|()| {
+            let ticket = gate.submit();
+            let (release, rx) = recorder();
+            gate.hold(release);
+            (ticket, rx)
+        });
+        (gate, held)
+    }
+
     /// The slot refuses a commit at once (its lease lapsed) while an earlier one waits for its
     /// quorum. The earlier response must get its own outcome: answering it with the refusal
     /// told a client "not applied" about a write the next owner then served.
@@ -248,13 +262,7 @@ mod tests {
         let indeterminate = || ApiError::unavailable("indeterminate", "moved before a quorum");
 
         // The earlier commit reaches its quorum: it succeeds, the refused one fails.
-        let gate = Gate::default();
-        let t1 = gate.submit();
-        let (r1, rx1) = recorder();
-        gate.hold(r1);
-        let t2 = gate.submit();
-        let (r2, rx2) = recorder();
-        gate.hold(r2);
+        let (gate, [(t1, rx1), (t2, rx2)]) = two_held_commits();
         gate.settle(t2, Err(refused()));
         assert!(gate.failed(), "the object must reset before executing more");
         assert!(rx1.try_recv().is_err(), "the first commit has not settled");
@@ -269,13 +277,7 @@ mod tests {
         assert_eq!(gate.wait_settled().map_err(|e| e.code), Err("not_owner"));
 
         // The earlier commit's outcome is unknown: both responses say so, not "not applied".
-        let gate = Gate::default();
-        let t1 = gate.submit();
-        let (r1, rx1) = recorder();
-        gate.hold(r1);
-        let t2 = gate.submit();
-        let (r2, rx2) = recorder();
-        gate.hold(r2);
+        let (gate, [(t1, rx1), (t2, rx2)]) = two_held_commits();
         gate.settle(t2, Err(refused()));
         gate.settle(t1, Err(indeterminate()));
         for rx in [rx1, rx2] {
