@@ -5,6 +5,11 @@
 //! durable — also reads and errors, since they may reveal state that is not durable yet. If a
 //! commit fails, every response held behind it fails too, and the object must reset before it
 //! serves again.
+//!
+//! Commits settle out of order in one case: the slot refuses a commit at once (its ownership
+//! moved, or its lease lapsed) while earlier ones still wait for their quorum. The refusal must
+//! not answer for those earlier commits: they went to the followers and may survive on the next
+//! owner. So outcomes apply in ticket order, and each response gets the outcome as of its place.
 
 use crate::error::ApiError;
 use crate::storage::log::LogError;
