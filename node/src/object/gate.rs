@@ -28,15 +28,41 @@ struct GateState {
     early: BTreeMap<u64, Result<u64, ApiError>>,
     /// The first failure among the settled tickets, in ticket order: what responses behind it get.
     failure: Option<ApiError>,
-    /// Some commit failed, even one whose turn has not come: the database holds a change that
-    /// is not in the log, so the object must reset before it executes anything else.
-    broken: bool,
     /// Log position of the newest durable commit.
     last_lsn: u64,
     waiters: VecDeque<(u64, Release)>,
     /// Threads blocked in [`Gate::wait_settled`]. A condvar notify is a system call even when
     /// nobody waits, and `settle` runs for every commit, while blocking waits are rare.
     sleepers: usize,
+}
+
+impl GateState {
+    /// Settles ticket `settled + 1` and releases the responses held behind it, each with the
+    /// outcome as of its own place in the order.
+    fn settle_next(
+        &mut self,
+        result: Result<u64, ApiError>,
+        out: &mut Vec<(Release, Result<(), ApiError>)>,
+    ) {
+        self.settled += 1;
+        match result {
+            Ok(lsn) => self.last_lsn = self.last_lsn.max(lsn),
+            Err(e) => {
+                if self.failure.is_none() {
+                    self.failure = Some(e);
+                }
+            }
+        }
+        while self
+            .waiters
+            .front()
+            .is_some_and(|(t, _)| *t <= self.settled)
+        {
+            if let Some((_, release)) = self.waiters.pop_front() {
+                out.push((release, self.failure.clone().map_or(Ok(()), Err)));
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -80,35 +106,19 @@ impl Gate {
     pub fn settle(&self, ticket: u64, result: Result<u64, ApiError>) {
         let (released, sleepers) = {
             let mut s = self.lock();
-            if result.is_err() {
-                s.broken = true;
-            }
+            let mut out = Vec::new();
             // The usual case, the next ticket in order, goes without the map.
-            let mut current = None;
             if ticket == s.settled + 1 {
-                current = Some(result);
+                s.settle_next(result, &mut out);
+                loop {
+                    let next = s.settled + 1;
+                    let Some(result) = s.early.remove(&next) else {
+                        break;
+                    };
+                    s.settle_next(result, &mut out);
+                }
             } else if ticket > s.settled {
                 s.early.insert(ticket, result);
-            }
-            let mut out: Vec<(Release, Result<(), ApiError>)> = Vec::new();
-            while let Some(result) = current.take() {
-                s.settled += 1;
-                match result {
-                    Ok(lsn) => s.last_lsn = s.last_lsn.max(lsn),
-                    Err(e) => {
-                        if s.failure.is_none() {
-                            s.failure = Some(e);
-                        }
-                    }
-                }
-                // Each response gets the outcome as of its own place in the order.
-                while s.waiters.front().is_some_and(|(t, _)| *t <= s.settled) {
-                    if let Some((_, release)) = s.waiters.pop_front() {
-                        out.push((release, s.failure.clone().map_or(Ok(()), Err)));
-                    }
-                }
-                let next = s.settled + 1;
-                current = s.early.remove(&next);
             }
             (out, s.sleepers > 0)
         };
@@ -155,17 +165,17 @@ impl Gate {
         }
     }
 
-    /// Whether a commit failed: the object must reset before it executes anything else.
+    /// Whether a commit failed, even one whose turn has not come: the database holds a change
+    /// that is not in the log, so the object must reset before it executes anything else.
     pub fn failed(&self) -> bool {
-        self.lock().broken
+        let s = self.lock();
+        s.failure.is_some() || s.early.values().any(Result::is_err)
     }
 
     /// After a reset (which waits until everything submitted has settled): the object serves
     /// again.
     pub fn clear_failure(&self) {
-        let mut s = self.lock();
-        s.failure = None;
-        s.broken = false;
+        self.lock().failure = None;
     }
 }
 
