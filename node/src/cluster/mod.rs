@@ -949,14 +949,15 @@ mod tests {
     }
 
     /// An owner's lease lapses while a write waits for its quorum; the object's next write is
-    /// refused at once. Through the object's gate (as the actor submits), the refusal must not
-    /// answer for the waiting write: that one went to the followers and may survive on the next
-    /// owner. Answered "not applied" (`not_owner`), a client saw its write served by the next
-    /// owner after being told it had no effect (a fault-suite run found this). Once the slot
-    /// moves away, both are answered `indeterminate`.
+    /// refused at once. Submitted through the object's gate as the actor does, the refusal must
+    /// not answer for the waiting write: that one went to the followers and may survive on the
+    /// next owner. Answered "not applied" (`not_owner`), a client saw its write served by the
+    /// next owner after being told it had no effect (a fault-suite run found this). Once the
+    /// slot moves away, both are answered `indeterminate`.
     #[test]
     fn a_write_refused_after_the_lease_lapsed_does_not_answer_for_one_still_waiting() {
         use crate::object::gate::Gate;
+        use crate::object::submit_behind_gate;
         let dir = tempfile::tempdir().expect("tempdir");
         let (runner, cluster) = node_n1_with_lease(dir.path(), Some(Duration::from_millis(1500)));
         let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([7; 32]));
@@ -980,13 +981,10 @@ mod tests {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 }
-                let ticket = gate.submit();
-                let g = gate.clone();
-                let done = Box::new(move |r| g.settle(ticket, r));
                 let entry = crate::storage::record::Entry::delete(&object, &slot.key);
-                if let Err(e) = slot.append(&cluster, entry, 2, false, done) {
+                let submitted = submit_behind_gate(&gate, &slot, &cluster, entry, 2, false, || {});
+                if let Err(e) = submitted {
                     assert_eq!((i, e.code), (1, "not_owner"), "only the second is refused");
-                    gate.settle(ticket, Err(e));
                 }
                 let (tx, rx) = std::sync::mpsc::channel();
                 gate.hold(Box::new(move |r| {

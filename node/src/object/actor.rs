@@ -2,13 +2,15 @@
 //! it and replicates it), and holds responses at the output gate until a quorum has them.
 
 use super::db::{Committed, ObjectDb, WalReuse};
+use super::gate::Gate;
 use super::registry::{ObjectEnv, ObjectHandle};
 use super::{Reply, Request, kv, sql};
+use crate::cluster::Cluster;
 use crate::cluster::checkpointer::{DbFile, Durable};
 use crate::cluster::slot::Slot;
 use crate::error::ApiError;
 use crate::lsn::Lsn;
-use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind};
+use crate::storage::record::{Checkpoint, Entry, ObjectKey, RecordKind, SlotPos};
 use crate::storage::recovery;
 use serde_json::json;
 use std::fs::File;
@@ -208,18 +210,10 @@ impl Actor {
         handle: &Arc<ObjectHandle>,
         env: &ObjectEnv,
     ) {
-        let ticket = handle.gate.submit();
-        let gate = handle.gate.clone();
         let ns = handle.ns.clone();
         let id = handle.key.id;
         let deleting = entry.kind == RecordKind::Delete;
         let quorum = handle.ns.config.replication.write_quorum;
-        let done = Box::new(move |result: Result<u64, ApiError>| {
-            if result.is_ok() && !deleting {
-                ns.mark_has_data(id);
-            }
-            gate.settle(ticket, result);
-        });
         // A lone request (nothing else in flight on the node, nothing queued for this object)
         // would only wait: its thread writes the entry to the followers and commits the log
         // itself rather than waking the link tasks and the writer thread — hand-offs less for a
@@ -227,12 +221,22 @@ impl Actor {
         // and the writer thread group the work.
         let lone = env.in_flight() <= 1 && !handle.has_queued_jobs();
         let deferred = env.log.defer_wakeups();
-        match slot.append(&env.cluster, entry, quorum, lone, done) {
-            Ok(pos) => self.last_lsn = pos.lsn,
-            // Committed locally but not accepted by the slot (it moved, or its lease lapsed):
-            // the gate fails, and the object resets before its next request. The refusal answers
-            // only this commit and those after it; earlier ones keep their own outcome.
-            Err(e) => handle.gate.settle(ticket, Err(e)),
+        let on_durable = move || {
+            if !deleting {
+                ns.mark_has_data(id);
+            }
+        };
+        let submitted = submit_behind_gate(
+            &handle.gate,
+            slot,
+            &env.cluster,
+            entry,
+            quorum,
+            lone,
+            on_durable,
+        );
+        if let Ok(pos) = submitted {
+            self.last_lsn = pos.lsn;
         }
         if lone {
             deferred.lead();
@@ -520,6 +524,33 @@ impl Actor {
         }
         replayed.map(|_| below)
     }
+}
+
+/// Hands a committed entry to its slot behind the object's output gate. The commit's ticket
+/// settles once a quorum holds the entry (after `on_durable`), or fails with the slot's error.
+/// If the slot refuses the entry at once (ownership moved, or the lease lapsed), the ticket
+/// fails at once: the gate then fails, and the object resets before its next request. The
+/// refusal answers only this commit and those after it; earlier ones keep their own outcome
+/// (see [`Gate`]).
+pub(crate) fn submit_behind_gate(
+    gate: &Arc<Gate>,
+    slot: &Arc<Slot>,
+    cluster: &Arc<Cluster>,
+    entry: Entry,
+    quorum: usize,
+    lone: bool,
+    on_durable: impl FnOnce() + Send + 'static,
+) -> Result<SlotPos, ApiError> {
+    let ticket = gate.submit();
+    let settles = gate.clone();
+    let done = Box::new(move |result: Result<u64, ApiError>| {
+        if result.is_ok() {
+            on_durable();
+        }
+        settles.settle(ticket, result);
+    });
+    slot.append(cluster, entry, quorum, lone, done)
+        .inspect_err(|e| gate.settle(ticket, Err(e.clone())))
 }
 
 /// Logs the object's checkpoint marker once `file` (the checkpointed database, if any) and the
