@@ -150,9 +150,9 @@ struct Queue {
     busy: bool,
     /// The writer thread waits for work.
     writer_waiting: bool,
-    /// While the writer thread gathers records for a commit ([`Gathering`]): wake it only once
-    /// this many are queued.
-    gather_until: Option<usize>,
+    /// The writer thread gathers records for a commit ([`Gathering`]): wake it only once
+    /// [`GATHER_RECORDS`] are queued.
+    gathering: bool,
     /// How long the writer thread gathers at most, and after how long a pause the log counts as
     /// idle ([`GATHER_WINDOW`], [`GATHER_IDLE`]; tests lengthen them).
     gather_times: GatherTimes,
@@ -216,7 +216,7 @@ impl Core {
         if deferred {
             DEFERRED_RECORDS.with(|n| n.set(n.get() + 1));
         }
-        let enough = q.gather_until.is_none_or(|n| q.msgs.len() >= n);
+        let enough = !q.gathering || q.msgs.len() >= GATHER_RECORDS;
         if !q.busy && !deferred && q.writer_waiting && enough {
             drop(q);
             self.wake.notify_one();
@@ -286,7 +286,7 @@ impl Core {
         window: Duration,
     ) -> MutexGuard<'a, Queue> {
         let deadline = Instant::now() + window;
-        q.gather_until = Some(GATHER_RECORDS);
+        q.gathering = true;
         q.writer_waiting = true;
         while !q.busy && q.msgs.len() < GATHER_RECORDS {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
@@ -298,7 +298,7 @@ impl Core {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        q.gather_until = None;
+        q.gathering = false;
         q.writer_waiting = false;
         q
     }
@@ -766,7 +766,7 @@ pub fn start(
             msgs: Vec::new(),
             busy: false,
             writer_waiting: false,
-            gather_until: None,
+            gathering: false,
             gather_times: GatherTimes::default(),
             handles: 1,
             busy_share: 0,
