@@ -152,7 +152,7 @@ struct Queue {
     /// The writer thread waits for work.
     writer_waiting: bool,
     /// The writer thread gathers records for a commit ([`Gathering`]): wake it only once
-    /// [`GATHER_RECORDS`] are queued.
+    /// [`GATHER_RECORDS`] records or [`GATHER_BYTES`] payload bytes are queued.
     gathering: bool,
     /// How long the writer thread gathers at most, and after how long a pause the log counts as
     /// idle ([`GATHER_WINDOW`], [`GATHER_IDLE`]; tests lengthen them).
@@ -175,6 +175,11 @@ impl Queue {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// A gathering writer has what it waits for: enough records, or enough bytes.
+    fn gathered_enough(&self) -> bool {
+        self.msgs.len() >= GATHER_RECORDS || self.payload_bytes() >= GATHER_BYTES
     }
 
     /// A commit ended: the queue is free again, and the average notes whether records of
@@ -217,7 +222,7 @@ impl Core {
         if deferred {
             DEFERRED_RECORDS.with(|n| n.set(n.get() + 1));
         }
-        let enough = !q.gathering || q.msgs.len() >= GATHER_RECORDS;
+        let enough = !q.gathering || q.gathered_enough();
         if !q.busy && !deferred && q.writer_waiting && enough {
             drop(q);
             self.wake.notify_one();
@@ -279,8 +284,8 @@ impl Core {
         }
     }
 
-    /// Waits up to `window` for [`GATHER_RECORDS`] records to be queued, or for another
-    /// committer (a leading appender) to start.
+    /// Waits up to `window` for [`GATHER_RECORDS`] records (or [`GATHER_BYTES`] payload bytes)
+    /// to be queued, or for another committer (a leading appender) to start.
     fn gather<'a>(
         &'a self,
         mut q: MutexGuard<'a, Queue>,
@@ -289,7 +294,7 @@ impl Core {
         let deadline = Instant::now() + window;
         q.gathering = true;
         q.writer_waiting = true;
-        while !q.busy && q.msgs.len() < GATHER_RECORDS {
+        while !q.busy && !q.gathered_enough() {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break;
             };
@@ -319,7 +324,7 @@ impl Core {
             {
                 q = self.gather(q, window);
                 // Short of the count with nobody else committing: the window passed.
-                gathering.gathered(q.busy || q.msgs.len() >= GATHER_RECORDS);
+                gathering.gathered(q.busy || q.gathered_enough());
             }
             if !q.busy && !q.msgs.is_empty() {
                 let mut batch = Self::take_batch(&mut q);
@@ -1534,6 +1539,34 @@ mod tests {
             metrics.log.fsyncs.get(),
             fsyncs + 1,
             "one fsync for the four"
+        );
+        // A big record fills a commit by itself: it ends a lone record's wait at once.
+        let fsyncs = metrics.log.fsyncs.get();
+        append(104);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the lone record waits for company again"
+        );
+        let big = Instant::now();
+        log.append(page_set(
+            105,
+            bytes::Bytes::from(vec![7u8; GATHER_BYTES]),
+            Box::new({
+                let tx = tx.clone();
+                move |r| {
+                    let _ = tx.send(r);
+                }
+            }),
+        ));
+        wait_for(2, Duration::from_secs(10));
+        assert!(
+            big.elapsed() < window / 2,
+            "a big record ends the wait, not the window"
+        );
+        assert_eq!(
+            metrics.log.fsyncs.get(),
+            fsyncs + 1,
+            "one fsync for the two"
         );
         let lone = Instant::now();
         append(110);
