@@ -701,10 +701,39 @@ impl LazyDisk {
                 }
                 drop(session);
             } else {
-                // Unmounts and waits for the session thread to end.
+                unmount_retrying(&self.mountpoint);
+                // Waits for the session thread to end (its own unmount finds nothing mounted).
                 session.join();
             }
         }
+    }
+}
+
+/// Unmounts `mountpoint`, retrying while it is busy. The kernel releases files closed just
+/// before asynchronously (FUSE `RELEASE` requests), and an unmount meanwhile fails with `EBUSY`;
+/// fuser's own unmount logs that failure and its join then waited forever for a session that was
+/// still mounted (seen once in a fresh clone's test run: the crash tests hung for 15 minutes).
+/// After 10 s of `EBUSY` it detaches the mount instead (`MNT_DETACH`), which ends the session
+/// once the last file is released.
+fn unmount_retrying(mountpoint: &Path) {
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: a valid C string.
+        if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+            return;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EBUSY) {
+            return; // not mounted, or not ours to unmount: fuser's join tries its own way
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: as above.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
