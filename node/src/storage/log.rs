@@ -179,7 +179,7 @@ impl Queue {
 
     /// A gathering writer has what it waits for: enough records, or enough bytes.
     fn gathered_enough(&self) -> bool {
-        self.msgs.len() >= GATHER_RECORDS || self.payload_bytes() >= GATHER_BYTES
+        fills_a_commit(self.msgs.len(), self.payload_bytes())
     }
 
     /// A commit ended: the queue is free again, and the average notes whether records of
@@ -389,6 +389,11 @@ const GATHER_EXPECTED: f64 = 2.0;
 /// ... and only when the last commit started this recently (the rate is that of a busy spell).
 const GATHER_IDLE: Duration = Duration::from_millis(5);
 
+/// Whether `records` queued records of `bytes` payload bytes are worth a commit without waiting.
+fn fills_a_commit(records: usize, bytes: usize) -> bool {
+    records >= GATHER_RECORDS || bytes >= GATHER_BYTES
+}
+
 #[derive(Clone, Copy, Debug)]
 struct GatherTimes {
     window: Duration,
@@ -450,8 +455,7 @@ impl Gathering {
         let expected_more = self.rate * times.window.as_secs_f64();
         (self.armed
             && queued > 0
-            && queued < GATHER_RECORDS
-            && bytes < GATHER_BYTES
+            && !fills_a_commit(queued, bytes)
             && busy
             && expected_more >= GATHER_EXPECTED)
             .then_some(times.window)
@@ -1497,21 +1501,32 @@ mod tests {
             idle: Duration::from_secs(60),
         };
         let (tx, rx) = mpsc::channel::<Result<u64, LogError>>();
-        let append = |n: u8| {
+        let append_payload = |n: u8, payload: bytes::Bytes| {
             let tx = tx.clone();
             log.append(page_set(
                 n,
-                bytes::Bytes::from_static(b"record"),
+                payload,
                 Box::new(move |r| {
                     let _ = tx.send(r);
                 }),
             ));
         };
+        let append = |n: u8| append_payload(n, bytes::Bytes::from_static(b"record"));
         let wait_for = |n: usize, within: Duration| {
             for _ in 0..n {
                 let r = rx.recv_timeout(within).expect("record committed");
                 assert!(r.is_ok(), "{r:?}");
             }
+        };
+        // `n` records commit well before the window ends, all with one fsync.
+        let committed_together = |n: usize, since: Instant, fsyncs: u64, why: &str| {
+            wait_for(n, Duration::from_secs(10));
+            assert!(since.elapsed() < window / 2, "{why}");
+            assert_eq!(
+                metrics.log.fsyncs.get(),
+                fsyncs + 1,
+                "one fsync for the {n}"
+            );
         };
         // Records appended in fours: the writer thread learns that they arrive fast.
         for round in 0..8 {
@@ -1529,16 +1544,11 @@ mod tests {
         for n in 1..GATHER_RECORDS as u8 {
             append(100 + n);
         }
-        let arrived = Instant::now();
-        wait_for(GATHER_RECORDS, Duration::from_secs(10));
-        assert!(
-            arrived.elapsed() < window / 2,
-            "the writer thread commits once enough records are queued, not at the window's end"
-        );
-        assert_eq!(
-            metrics.log.fsyncs.get(),
-            fsyncs + 1,
-            "one fsync for the four"
+        committed_together(
+            GATHER_RECORDS,
+            Instant::now(),
+            fsyncs,
+            "the writer thread commits once enough records are queued, not at the window's end",
         );
         // A big record fills a commit by itself: it ends a lone record's wait at once.
         let fsyncs = metrics.log.fsyncs.get();
@@ -1548,26 +1558,8 @@ mod tests {
             "the lone record waits for company again"
         );
         let big = Instant::now();
-        log.append(page_set(
-            105,
-            bytes::Bytes::from(vec![7u8; GATHER_BYTES]),
-            Box::new({
-                let tx = tx.clone();
-                move |r| {
-                    let _ = tx.send(r);
-                }
-            }),
-        ));
-        wait_for(2, Duration::from_secs(10));
-        assert!(
-            big.elapsed() < window / 2,
-            "a big record ends the wait, not the window"
-        );
-        assert_eq!(
-            metrics.log.fsyncs.get(),
-            fsyncs + 1,
-            "one fsync for the two"
-        );
+        append_payload(105, bytes::Bytes::from(vec![7u8; GATHER_BYTES]));
+        committed_together(2, big, fsyncs, "a big record ends the wait, not the window");
         let lone = Instant::now();
         append(110);
         wait_for(1, Duration::from_secs(10));
