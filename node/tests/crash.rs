@@ -330,6 +330,36 @@ async fn a_power_cut_under_write_load_loses_no_acknowledged_write() {
     drop(disk);
 }
 
+/// A power cut while a file on the disk is still open: the unmount meets `EBUSY` until it is
+/// closed, and the cut waits for that rather than hanging (fuser's own unmount gives up on
+/// `EBUSY`, and its join then waits forever).
+#[test]
+fn a_power_cut_waits_out_a_busy_mount_instead_of_hanging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = dir.path().join("m");
+    let disk = LazyDisk::mount(&m);
+    let open = std::fs::File::create(m.join("held")).expect("create");
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(open);
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let disk = disk.power_cut();
+        let _ = tx.send(started.elapsed());
+        drop(disk);
+    });
+    let took = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the power cut finished once the file was closed");
+    assert!(
+        took >= Duration::from_millis(250),
+        "the unmount waited for the open file ({took:?})"
+    );
+    closer.join().expect("closer");
+}
+
 /// The disk itself, through the kernel: only synced data and synced names survive a cut.
 #[test]
 fn the_lazy_disk_keeps_what_was_synced_and_nothing_else() {
