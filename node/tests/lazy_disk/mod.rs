@@ -716,8 +716,8 @@ impl LazyDisk {
             return;
         }
         unmount_retrying(&self.mountpoint);
-        // fuser's own unmount, for a mount the call above could not take; it does nothing when
-        // the mount is gone already.
+        // fuser's own unmount, for a mount the call above could not take. When the mount is gone
+        // already, its `umount` of the bare directory fails and is only logged.
         let _ = session.unmounter.unmount();
         let ended = session
             .thread
