@@ -708,11 +708,8 @@ impl LazyDisk {
             // A node may still have files open (it is stopped later in the unwinding), and the
             // session thread serves it until then: detach the mount rather than wait, and leave
             // the thread to end when the last file is released.
-            if let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes())
-            {
-                // SAFETY: a valid C string; MNT_DETACH unmounts even while files are open.
-                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-            }
+            // MNT_DETACH unmounts even while files are open.
+            let _ = umount(&self.mountpoint, libc::MNT_DETACH);
             return;
         }
         unmount_retrying(&self.mountpoint);
@@ -752,24 +749,31 @@ fn session_ended_by_unmount(ended: std::io::Result<()>) -> std::io::Result<()> {
 /// After 10 s of `EBUSY` it detaches the mount instead (`MNT_DETACH`), which ends the session
 /// once the last file is released.
 fn unmount_retrying(mountpoint: &Path) {
-    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        // SAFETY: a valid C string.
-        if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
-            return;
+        match umount(mountpoint, 0) {
+            Ok(()) => return,
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
+                return; // not mounted, or not ours to unmount: fuser's unmount tries its own way
+            }
+            Err(_) if std::time::Instant::now() > deadline => {
+                let _ = umount(mountpoint, libc::MNT_DETACH);
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EBUSY) {
-            return; // not mounted, or not ours to unmount: fuser's join tries its own way
-        }
-        if std::time::Instant::now() > deadline {
-            // SAFETY: as above.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `umount2` system call on `mountpoint` with `flags`.
+fn umount(mountpoint: &Path, flags: libc::c_int) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid C string that outlives the call.
+    if unsafe { libc::umount2(path.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
