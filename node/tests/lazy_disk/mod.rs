@@ -712,7 +712,7 @@ impl LazyDisk {
             let _ = umount(&self.mountpoint, libc::MNT_DETACH);
             return;
         }
-        unmount_retrying(&self.mountpoint);
+        unmount_retrying(&self.mountpoint, UNMOUNT_PATIENCE);
         // fuser's own unmount, for a mount the call above could not take. When the mount is gone
         // already, its `umount` of the bare directory fails and is only logged.
         let _ = session.unmounter.unmount();
@@ -742,23 +742,34 @@ fn session_ended_by_unmount(ended: std::io::Result<()>) -> std::io::Result<()> {
     }
 }
 
+/// How long an unmount retries while the mount is busy before it detaches the mount instead.
+const UNMOUNT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What [`unmount_retrying`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Unmount {
+    Unmounted,
+    /// Not mounted, or not ours to unmount: fuser's own unmount tries its own way.
+    LeftToFuser,
+    /// Still busy after the patience ran out: detached, and gone once the last file is released.
+    Detached,
+}
+
 /// Unmounts `mountpoint`, retrying while it is busy. The kernel releases files closed just
 /// before asynchronously (FUSE `RELEASE` requests), and an unmount meanwhile fails with `EBUSY`;
 /// fuser's own unmount logs that failure and its join then waited forever for a session that was
 /// still mounted (seen once in a fresh clone's test run: the crash tests hung for 15 minutes).
-/// After 10 s of `EBUSY` it detaches the mount instead (`MNT_DETACH`), which ends the session
-/// once the last file is released.
-fn unmount_retrying(mountpoint: &Path) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+/// After `patience` of `EBUSY` it detaches the mount instead (`MNT_DETACH`), which ends the
+/// session once the last file is released.
+fn unmount_retrying(mountpoint: &Path, patience: Duration) -> Unmount {
+    let deadline = std::time::Instant::now() + patience;
     loop {
         match umount(mountpoint, 0) {
-            Ok(()) => return,
-            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
-                return; // not mounted, or not ours to unmount: fuser's unmount tries its own way
-            }
+            Ok(()) => return Unmount::Unmounted,
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => return Unmount::LeftToFuser,
             Err(_) if std::time::Instant::now() > deadline => {
                 let _ = umount(mountpoint, libc::MNT_DETACH);
-                return;
+                return Unmount::Detached;
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -785,8 +796,59 @@ impl Drop for LazyDisk {
 
 #[cfg(test)]
 mod tests {
-    use super::session_ended_by_unmount;
+    use super::{LazyDisk, Unmount, session_ended_by_unmount, unmount_retrying};
     use std::io::Error;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    /// Whether `path` is a mount point in this process's mount table.
+    fn is_mounted(path: &Path) -> bool {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+        let path = path.to_str().expect("a UTF-8 temporary path");
+        table
+            .lines()
+            .any(|line| line.split(' ').nth(4) == Some(path))
+    }
+
+    #[test]
+    fn an_unmount_still_busy_after_its_patience_detaches_the_mount() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = dir.path().join("m");
+        let disk = LazyDisk::mount(&m);
+        assert!(is_mounted(&m), "mounted at {}", m.display());
+        let open = std::fs::File::create(m.join("held")).expect("create");
+        // On a thread, so a retry that never gave up fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let at = m.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let outcome = unmount_retrying(&at, Duration::from_millis(200));
+            let _ = tx.send((outcome, started.elapsed()));
+        });
+        let (outcome, took) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the unmount gave up retrying once its patience ran out");
+        assert_eq!(
+            outcome,
+            Unmount::Detached,
+            "a file held open keeps the mount busy past the patience"
+        );
+        assert!(
+            took >= Duration::from_millis(200),
+            "it retried first ({took:?})"
+        );
+        assert!(!is_mounted(&m), "detached while the file is still open");
+        drop(open);
+        // The session ends once the file is released, and the disk's own unmount finds nothing
+        // mounted: dropping it returns instead of waiting for a session that never ends.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(disk);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the detached disk's session ended once its last file was closed");
+    }
 
     #[test]
     fn an_unmount_racing_a_request_ends_the_session_like_a_plain_unmount() {
