@@ -1,6 +1,5 @@
 //! Colony's data plane: durable objects, each with its own SQLite database, served over HTTP.
 
-pub mod allocator;
 pub mod cli;
 pub mod cluster;
 pub mod config;
