@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod http;
+pub mod huge_pages;
 pub mod id;
 pub mod keys;
 pub mod lsn;

@@ -13,6 +13,9 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = colony_node::huge_pages::configure() {
+        tracing::warn!("cannot turn transparent huge pages off for the node: {e}");
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -149,3 +149,20 @@ storage: { maxOpenObjects: 10000, idleTimeout: 2s, logSegmentBytes: 4MiB }
     let (s, v) = node.get("/v1/ns/default/names/e599/kv/value").await;
     assert_eq!((s, v["value"].as_u64()), (200, Some(599)));
 }
+
+/// The node turns transparent huge pages off for itself (`huge_pages`): with them, each of its
+/// many threads' heaps held a 2 MiB page for a few kilobytes of objects.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_runs_without_transparent_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return; // the environment chose, and the node leaves the choice to it
+    }
+    let node = TestNode::new().await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("the kernel reports THP_enabled (Linux 5.0 and later)");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
