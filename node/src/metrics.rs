@@ -47,6 +47,9 @@ pub struct ObjectMetrics {
     /// Heap memory SQLite holds for open databases (page caches, schemas, statements).
     pub sqlite_memory: Gauge,
     pub opens: Counter,
+    /// Opens that first waited for other objects to close (the node held its cap of open
+    /// databases).
+    pub open_waits: Counter,
     pub evictions: Counter,
     pub checkpoints: Counter,
     pub resets: Counter,
@@ -145,6 +148,7 @@ impl Metrics {
             database_bytes: Gauge::default(),
             sqlite_memory: Gauge::default(),
             opens: Counter::default(),
+            open_waits: Counter::default(),
             evictions: Counter::default(),
             checkpoints: Counter::default(),
             resets: Counter::default(),
@@ -181,6 +185,11 @@ impl Metrics {
             "object_opens",
             "Object databases opened",
             objects.opens.clone(),
+        );
+        registry.register(
+            "object_open_waits",
+            "Object databases that waited to open until others closed (the node held its cap of open databases)",
+            objects.open_waits.clone(),
         );
         registry.register(
             "object_evictions",

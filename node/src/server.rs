@@ -124,6 +124,20 @@ fn raise_file_limit() {
     }
 }
 
+/// Descriptors one open object holds: SQLite's on its database and its `-wal`, and the node's
+/// own on each (to fsync the database after checkpoints, to read the `-wal`'s new frames).
+const DESCRIPTORS_PER_OPEN_OBJECT: u64 = 4;
+/// Descriptors kept for everything else: sockets, log segments, directories being synced.
+const RESERVED_DESCRIPTORS: u64 = 1024;
+
+/// The most objects the node may keep open under a file-descriptor limit: at the cap opens
+/// wait for (`object::open_cap` of it), their descriptors and the reserve still fit.
+pub fn max_open_objects_for(fd_limit: u64) -> usize {
+    let fit = fd_limit.saturating_sub(RESERVED_DESCRIPTORS) / DESCRIPTORS_PER_OPEN_OBJECT;
+    // open_cap(n) = n + n/8 + 1 <= fit holds for n = (fit - 1) * 8 / 9.
+    (fit.saturating_sub(1) * 8 / 9).max(16) as usize
+}
+
 fn open_file_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -283,8 +297,7 @@ pub async fn start(config: NodeConfig) -> Result<(Arc<Node>, tokio::net::TcpList
     )
     .map_err(storage_err(&log_dir))?;
     let mut storage = config.storage.clone();
-    // Each open database holds about three descriptors; keep a reserve for sockets.
-    let fd_budget = (open_file_limit().saturating_sub(1024) / 3).max(16) as usize;
+    let fd_budget = max_open_objects_for(open_file_limit());
     if storage.max_open_objects > fd_budget {
         tracing::info!(
             configured = storage.max_open_objects,
@@ -416,4 +429,31 @@ pub fn without_nagle(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::open_cap;
+
+    #[test]
+    fn open_objects_at_their_cap_fit_the_descriptor_limit_with_the_reserve() {
+        for limit in [2_048u64, 4_096, 20_000, 65_536, 1_048_576] {
+            let n = max_open_objects_for(limit);
+            let used = |n: usize| open_cap(n) as u64 * DESCRIPTORS_PER_OPEN_OBJECT;
+            assert!(
+                used(n) + RESERVED_DESCRIPTORS <= limit,
+                "limit {limit}: {n} objects"
+            );
+            // And no more could: the budget is not needlessly small.
+            assert!(
+                used(n + 2) + RESERVED_DESCRIPTORS > limit,
+                "limit {limit}: {n} objects"
+            );
+        }
+        // 20,000 (this machine's limit) still allows the default 4,096.
+        assert!(max_open_objects_for(20_000) >= 4_096);
+        // A limit below the reserve still lets a few objects open.
+        assert_eq!(max_open_objects_for(512), 16);
+    }
 }

@@ -150,6 +150,82 @@ storage: { maxOpenObjects: 10000, idleTimeout: 2s, logSegmentBytes: 4MiB }
     assert_eq!((s, v["value"].as_u64()), (200, Some(599)));
 }
 
+/// New objects arriving faster than housekeeping closes old ones: past its cap of open
+/// databases an open waits for a close, so the node never runs out of file descriptors. A
+/// 2,048-descriptor limit allows 226 open objects (4 descriptors each, 1,024 kept in reserve;
+/// `server::max_open_objects_for`), and opens wait past 255 (`object::open_cap`). Before the cap,
+/// a housekeeping pass slowed by thousands of idle objects closing let new objects open until
+/// the process had no descriptors left, and requests failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_objects_waits_for_room_instead_of_exhausting_file_descriptors() {
+    let mut node = TestNode::configured(
+        "listen: {listen}
+dataDir: {data}
+namespaces: [{name: default}]
+storage: { idleTimeout: 1h, memoryLimit: 1GiB, logSegmentBytes: 4MiB }
+",
+    );
+    node.file_limit = Some(2048);
+    node.start().await;
+    const CONCURRENCY: usize = 48;
+    let cap = 226 + 226 / 8 + 1;
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = {
+        let (client, url, done) = (node.client.clone(), node.url("/metrics"), done.clone());
+        tokio::spawn(async move {
+            let mut most = 0.0f64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(r) = client.get(&url).send().await
+                    && let Ok(text) = r.text().await
+                    && let Some(v) = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("colony_objects_resident "))
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                {
+                    most = most.max(v);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most
+        })
+    };
+    let failures: Vec<(usize, u16, String)> = futures::stream::iter(0..1500usize)
+        .map(|i| {
+            let url = node.obj("default", &format!("burst{i}"), "/kv/value");
+            let c = node.client.clone();
+            async move {
+                let r = c.put(url).json(&json!(i)).send().await.expect("put");
+                let status = r.status().as_u16();
+                (i, status, r.text().await.unwrap_or_default())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .filter(|(_, status, _)| futures::future::ready(*status != 200))
+        .collect()
+        .await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = watch.await.expect("watcher");
+    assert!(
+        failures.is_empty(),
+        "{} puts failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        most <= (cap + CONCURRENCY) as f64,
+        "at most the cap ({cap}) plus the opens already under way are open: {most}"
+    );
+    assert!(node.metric("colony_object_open_waits_total").await > 0.0);
+    // Every object kept its value.
+    for i in (0..1500).step_by(97) {
+        let (s, v) = node
+            .get(&format!("/v1/ns/default/names/burst{i}/kv/value"))
+            .await;
+        assert_eq!((s, v["value"].as_u64()), (200, Some(i as u64)));
+    }
+}
+
 /// The node turns transparent huge pages off for itself (`huge_pages`): with them, each of its
 /// many threads' heaps held a 2 MiB page for a few kilobytes of objects.
 #[cfg(target_os = "linux")]

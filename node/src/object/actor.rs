@@ -182,6 +182,9 @@ impl Actor {
             }
         }
         if self.db.is_none() {
+            if may_block {
+                env.wait_for_room();
+            }
             self.opened_epoch = epoch;
             let path = env.db_path(&handle.key);
             let db = ObjectDb::open(

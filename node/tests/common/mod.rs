@@ -25,6 +25,8 @@ pub struct TestNode {
     pub data: PathBuf,
     pub args: Vec<String>,
     pub client: reqwest::Client,
+    /// The node's open-file limit (`RLIMIT_NOFILE`), when not inherited.
+    pub file_limit: Option<u64>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -64,6 +66,7 @@ impl TestNode {
             data,
             args,
             client: client(),
+            file_limit: None,
             _dir: Some(dir),
         };
         node.start().await;
@@ -98,18 +101,36 @@ impl TestNode {
             data,
             args,
             client: client(),
+            file_limit: None,
             _dir: Some(dir),
         }
     }
 
     pub async fn start(&mut self) {
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args(&self.args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn colony-node");
+            .stderr(Stdio::inherit());
+        if let Some(limit) = self.file_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command.spawn().expect("spawn colony-node");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
