@@ -147,6 +147,7 @@ impl ObjectDb {
         // every open file in one global list it searches on each open: with 20,000 objects open
         // that search was a fifth of the node's CPU, and new objects were created at 1,200/s
         // rather than 1,800/s (`colony-bench single --rss-objects 5000,20000`).
+        configure_sqlite();
         let mut conn =
             Connection::open_with_flags_and_vfs(path, flags, c"unix-none").map_err(sqlite_err)?;
         shrink_lookaside(&conn);
@@ -456,7 +457,8 @@ impl ObjectDb {
 }
 
 /// Process-wide SQLite settings; must run before the first connection opens (later calls are
-/// refused by SQLite and ignored). SQLite allocates from mimalloc (see `sqlite_memory`). By
+/// refused by SQLite and ignored), so every open runs it first. SQLite allocates from mimalloc
+/// and its memory is counted without its global mutex (see `sqlite_memory`). By
 /// default each connection's page cache allocates 20 pages up front (~88 KB); with thousands of
 /// small objects open that is most of the node's memory, so pages are allocated as they are used
 /// instead.
@@ -467,6 +469,9 @@ pub fn configure_sqlite() {
             tracing::warn!(
                 "SQLite was initialised before it could be configured; it allocates from the C library"
             );
+        }
+        if !super::sqlite_log::install() {
+            tracing::warn!("SQLite was initialised before its log could be routed to the node's");
         }
         // SAFETY: SQLITE_CONFIG_PAGECACHE with a null buffer only sets the initial page count; it
         // is called before any other SQLite use in this process (see `server::start`).

@@ -10,6 +10,7 @@ pub mod gate;
 pub mod kv;
 mod registry;
 pub mod sql;
+mod sqlite_log;
 mod sqlite_memory;
 pub mod values;
 

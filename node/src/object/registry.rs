@@ -514,8 +514,7 @@ impl SlotHost for Objects {
 
 /// Bytes SQLite has allocated (all connections).
 pub fn sqlite_memory_used() -> i64 {
-    // SAFETY: sqlite3_memory_used has no preconditions.
-    unsafe { rusqlite::ffi::sqlite3_memory_used() }
+    super::sqlite_memory::bytes_in_use()
 }
 
 /// An actor's thread: drains the mailbox, then parks the actor back in its handle.
