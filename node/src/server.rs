@@ -124,11 +124,9 @@ fn raise_file_limit() {
     }
 }
 
-/// Descriptors one open object holds: SQLite's on its database and its `-wal`, and the node's
-/// own on each (to fsync the database after checkpoints, to read the `-wal`'s new frames).
-const DESCRIPTORS_PER_OPEN_OBJECT: u64 = 4;
 /// Descriptors kept for everything else: sockets, log segments, directories being synced.
 const RESERVED_DESCRIPTORS: u64 = 1024;
+const DESCRIPTORS_PER_OPEN_OBJECT: u64 = crate::object::DESCRIPTORS_PER_OPEN_OBJECT as u64;
 
 /// The most objects the node may keep open under a file-descriptor limit: at the cap opens
 /// wait for (`object::open_cap` of it), their descriptors and the reserve still fit.

@@ -30,6 +30,7 @@ use std::fs::File;
 use std::io::{self, ErrorKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 
 /// Files written since the last batch, each with the marker to log once it is durable.
@@ -57,6 +58,17 @@ pub enum DbFile {
 pub struct Checkpointer {
     tx: Option<Sender<Durable>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Descriptors submitted files hold until their sync ([`DbFile::Open`]): closed objects'
+    /// files wait here, and under a burst of closes they number in the hundreds, which the
+    /// node's open-object cap must count (see `ObjectEnv::wait_for_room`).
+    held: Arc<AtomicUsize>,
+}
+
+fn descriptors_in(files: &[(DbFile, Checkpoint)]) -> usize {
+    files
+        .iter()
+        .filter(|(f, _)| matches!(f, DbFile::Open { .. }))
+        .count()
 }
 
 impl Checkpointer {
@@ -68,12 +80,15 @@ impl Checkpointer {
         sync_failures: Arc<SyncFailures>,
     ) -> std::io::Result<Checkpointer> {
         let (tx, rx) = mpsc::channel();
+        let held = Arc::new(AtomicUsize::new(0));
+        let held_by_thread = held.clone();
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(&log, &new_dirs, &sync_failures, rx))?;
+            .spawn(move || run(&log, &new_dirs, &sync_failures, &held_by_thread, rx))?;
         Ok(Checkpointer {
             tx: Some(tx),
             thread: Some(thread),
+            held,
         })
     }
 
@@ -82,8 +97,17 @@ impl Checkpointer {
             return;
         }
         if let Some(tx) = &self.tx {
-            let _ = tx.send(batch);
+            let n = descriptors_in(&batch.files);
+            self.held.fetch_add(n, Ordering::Relaxed);
+            if tx.send(batch).is_err() {
+                self.held.fetch_sub(n, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// File descriptors held by files waiting for their sync.
+    pub fn descriptors_held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Finishes the batches submitted so far.
@@ -95,7 +119,13 @@ impl Checkpointer {
     }
 }
 
-fn run(log: &NodeLog, new_dirs: &PendingDirs, failures: &SyncFailures, rx: Receiver<Durable>) {
+fn run(
+    log: &NodeLog,
+    new_dirs: &PendingDirs,
+    failures: &SyncFailures,
+    held: &AtomicUsize,
+    rx: Receiver<Durable>,
+) {
     while let Ok(first) = rx.recv() {
         let mut files = first.files;
         let mut done: Vec<Sender<()>> = first.done.into_iter().collect();
@@ -103,7 +133,11 @@ fn run(log: &NodeLog, new_dirs: &PendingDirs, failures: &SyncFailures, rx: Recei
             files.extend(more.files);
             done.extend(more.done);
         }
-        for c in make_durable(files, new_dirs, failures, sync_data) {
+        let descriptors = descriptors_in(&files);
+        let markers = make_durable(files, new_dirs, failures, sync_data);
+        // The files, and their descriptors, were dropped in `make_durable`.
+        held.fetch_sub(descriptors, Ordering::Relaxed);
+        for c in markers {
             let logged = failures.log_marker(&c.object, || {
                 log.append(Append {
                     kind: RecordKind::Checkpoint,
@@ -182,6 +216,49 @@ mod tests {
             upto: u64::from(n),
             slot_lsn: Lsn::new(1, u64::from(n)),
         }
+    }
+
+    /// Descriptors of submitted open files count as held until their batch is done.
+    #[test]
+    fn open_files_count_as_held_descriptors_until_synced() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let runner = crate::storage::log::start_for_test(&tmp.path().join("log"));
+        let pending = Arc::new(PendingDirs::default());
+        // A directory that does not exist yet holds the batches back (in the thread's loop,
+        // after the files were dropped): their descriptors are released all the same.
+        let missing = tmp.path().join("not-yet");
+        pending.add([missing]);
+        let checkpointer = Checkpointer::start(
+            "test-markers",
+            runner.log(),
+            pending,
+            Arc::new(SyncFailures::default()),
+        )
+        .expect("start");
+        let path = tmp.path().join("o.db");
+        std::fs::write(&path, b"pages").expect("write");
+        let open = || DbFile::Open {
+            path: path.clone(),
+            file: Arc::new(File::open(&path).expect("open")),
+        };
+        assert_eq!(checkpointer.descriptors_held(), 0);
+        let (tx, rx) = mpsc::channel();
+        // The thread may be done before the count is read: while queued it is at most 2.
+        let files = vec![
+            (open(), marker(1)),
+            (open(), marker(2)),
+            (DbFile::Nothing, marker(3)),
+        ];
+        assert_eq!(descriptors_in(&files), 2);
+        checkpointer.submit(Durable {
+            files,
+            done: Some(tx),
+        });
+        let held_while_queued = checkpointer.descriptors_held();
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("answered");
+        assert!(held_while_queued <= 2);
+        assert_eq!(checkpointer.descriptors_held(), 0, "released once synced");
     }
 
     /// The thread end to end: what is submitted is logged once durable, every batch is answered,

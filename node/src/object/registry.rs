@@ -74,6 +74,10 @@ pub fn open_cap(max_open_objects: usize) -> usize {
 /// descriptors, which are usually far from exhausted at the cap).
 const ROOM_WAIT: Duration = Duration::from_secs(2);
 
+/// Descriptors one open object holds: SQLite's on its database and its `-wal`, and the node's
+/// own on each (to fsync the database after checkpoints, to read the `-wal`'s new frames).
+pub const DESCRIPTORS_PER_OPEN_OBJECT: usize = 4;
+
 impl ObjectEnv {
     pub fn new(
         cluster: Arc<Cluster>,
@@ -124,19 +128,26 @@ impl ObjectEnv {
         self.room_freed.notify_one();
     }
 
+    /// Whether the open objects, with the descriptors closed objects' files hold until their
+    /// checkpoint's sync, fill `cap` objects' worth of descriptors.
+    fn at_cap(&self, cap: usize) -> bool {
+        self.resident() * DESCRIPTORS_PER_OPEN_OBJECT + self.markers.descriptors_held()
+            >= cap * DESCRIPTORS_PER_OPEN_OBJECT
+    }
+
     /// Called on a blocking thread before a database opens: while the node holds
     /// [`open_cap`] databases, asks housekeeping to close idle ones now and waits (at most
     /// [`ROOM_WAIT`]) until one has closed.
     pub(super) fn wait_for_room(&self) {
         let cap = open_cap(self.storage.max_open_objects);
-        if self.resident() < cap {
+        if !self.at_cap(cap) {
             return;
         }
         self.metrics.objects.open_waits.inc();
         self.housekeeping_wanted.notify_one();
         let deadline = Instant::now() + ROOM_WAIT;
         let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
-        while self.resident() >= cap {
+        while self.at_cap(cap) {
             let now = Instant::now();
             if now >= deadline {
                 tracing::debug!(
@@ -146,7 +157,10 @@ impl ObjectEnv {
                 );
                 return;
             }
-            room = match self.room_freed.wait_timeout(room, deadline - now) {
+            // Closes wake a waiter; files leaving the checkpointer's queue do not, so look
+            // again every few milliseconds.
+            let slice = (deadline - now).min(Duration::from_millis(5));
+            room = match self.room_freed.wait_timeout(room, slice) {
                 Ok((guard, _)) => guard,
                 Err(p) => p.into_inner().0,
             };
