@@ -203,10 +203,18 @@ pub async fn run(target: &Target, connections: usize, duration: Duration) -> Sta
 /// setup and for touching many objects); the number that did not answer 200.
 pub async fn drive(target: &Target, connections: usize, count: u64) -> u64 {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // The first failure is printed: a count alone says nothing about the cause.
+    let reported = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tasks: Vec<_> = (0..connections)
         .map(|c| {
             let target = target.clone();
             let next = next.clone();
+            let reported = reported.clone();
+            let report = move |what: String| {
+                if !reported.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!("colony-bench: first failed request: {what}");
+                }
+            };
             tokio::spawn(async move {
                 let mut failed = 0u64;
                 let Ok(mut sender) = connect(target.addr).await else {
@@ -219,9 +227,13 @@ pub async fn drive(target: &Target, connections: usize, count: u64) -> u64 {
                     }
                     match send(&mut sender, &target, c, i).await {
                         Ok((200, _)) => {}
-                        Ok(_) => failed += 1,
-                        Err(_) => {
+                        Ok((status, detail)) => {
                             failed += 1;
+                            report(format!("{status} {}", detail.unwrap_or_default()));
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            report(e);
                             if let Ok(s) = connect(target.addr).await {
                                 sender = s;
                             }
