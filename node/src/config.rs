@@ -237,7 +237,9 @@ pub struct StorageConfig {
     /// An object with no request for this long closes its database and frees its memory.
     pub idle_timeout: HumanDuration,
     /// Memory the node may use for open object databases; least recently used objects are
-    /// closed beyond it.
+    /// closed beyond it. An open object holds about 80 KB in SQLite (its WAL index alone is 32
+    /// KiB) and about 20 KB more elsewhere: the default 192 MiB keeps about 2,500 open, and the
+    /// node near 500 MB resident after touching 100,000 objects.
     pub memory_limit: ByteSize,
     /// At most this many objects are open at once (each holds file descriptors).
     pub max_open_objects: usize,
@@ -251,7 +253,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             idle_timeout: HumanDuration(Duration::from_secs(60)),
-            memory_limit: ByteSize(256 << 20),
+            memory_limit: ByteSize(192 << 20),
             max_open_objects: 4096,
             log_segment_bytes: ByteSize(64 << 20),
             checkpoint_wal_bytes: ByteSize(4 << 20),
