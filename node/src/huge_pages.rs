@@ -48,19 +48,6 @@ fn disable() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether huge pages are off for this process (Linux; `false` elsewhere).
-pub fn disabled() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: PR_GET_THP_DISABLE takes no arguments (all 0) and returns the flag.
-        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        false
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -128,8 +128,9 @@ fn raise_file_limit() {
 const RESERVED_DESCRIPTORS: u64 = 1024;
 const DESCRIPTORS_PER_OPEN_OBJECT: u64 = crate::object::DESCRIPTORS_PER_OPEN_OBJECT as u64;
 
-/// The most objects the node may keep open under a file-descriptor limit: at the cap opens
-/// wait for (`object::open_cap` of it), their descriptors and the reserve still fit.
+/// The most objects the node may keep open under a file-descriptor limit: even with
+/// `object::open_cap` of that many open (where new opens start to wait), their descriptors and
+/// the reserve fit the limit.
 pub fn max_open_objects_for(fd_limit: u64) -> usize {
     let fit = fd_limit.saturating_sub(RESERVED_DESCRIPTORS) / DESCRIPTORS_PER_OPEN_OBJECT;
     // open_cap(n) = n + n/8 + 1 <= fit holds for n = (fit - 1) * 8 / 9.

@@ -168,7 +168,7 @@ storage: { idleTimeout: 1h, memoryLimit: 1GiB, logSegmentBytes: 4MiB }
     node.file_limit = Some(2048);
     node.start().await;
     const CONCURRENCY: usize = 48;
-    let cap = 226 + 226 / 8 + 1;
+    let cap = colony_node::object::open_cap(colony_node::server::max_open_objects_for(2048));
 
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch = {

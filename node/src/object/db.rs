@@ -138,6 +138,7 @@ impl ObjectDb {
                 |e| ApiError::internal(format!("cannot create {}: {e}", parent.display())),
             )?);
         }
+        configure_sqlite();
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -147,7 +148,6 @@ impl ObjectDb {
         // every open file in one global list it searches on each open: with 20,000 objects open
         // that search was a fifth of the node's CPU, and new objects were created at 1,200/s
         // rather than 1,800/s (`colony-bench single --rss-objects 5000,20000`).
-        configure_sqlite();
         let mut conn =
             Connection::open_with_flags_and_vfs(path, flags, c"unix-none").map_err(sqlite_err)?;
         shrink_lookaside(&conn);
@@ -474,7 +474,7 @@ pub fn configure_sqlite() {
             tracing::warn!("SQLite was initialised before its log could be routed to the node's");
         }
         // SAFETY: SQLITE_CONFIG_PAGECACHE with a null buffer only sets the initial page count; it
-        // is called before any other SQLite use in this process (see `server::start`).
+        // runs before the process's first database opens (every open calls this first).
         let rc = unsafe {
             rusqlite::ffi::sqlite3_config(
                 rusqlite::ffi::SQLITE_CONFIG_PAGECACHE,

@@ -18,7 +18,7 @@ pub use crate::storage::layout::db_path;
 /// For the cluster's tests: an object's submission through its gate, without an actor.
 #[cfg(test)]
 pub(crate) use actor::submit_behind_gate;
-pub use registry::{DESCRIPTORS_PER_OPEN_OBJECT, ObjectEnv, Objects, open_cap, sqlite_memory_used};
+pub use registry::{DESCRIPTORS_PER_OPEN_OBJECT, ObjectEnv, Objects, open_cap};
 
 use crate::error::ApiError;
 

@@ -417,9 +417,9 @@ impl Objects {
             .metrics
             .objects
             .sqlite_memory
-            .set(sqlite_memory_used());
+            .set(super::sqlite_memory::bytes_in_use());
         let mut excess = self.env.resident().saturating_sub(max_open);
-        if sqlite_memory_used() > memory_limit {
+        if super::sqlite_memory::bytes_in_use() > memory_limit {
             excess = excess.max(self.env.resident() / 8 + 1);
         }
         if excess > 0 {
@@ -524,11 +524,6 @@ impl SlotHost for Objects {
                 .unwrap_or_else(|_| Err(ApiError::internal("the object stopped before answering")))
         })
     }
-}
-
-/// Bytes SQLite has allocated (all connections).
-pub fn sqlite_memory_used() -> i64 {
-    super::sqlite_memory::bytes_in_use()
 }
 
 /// An actor's thread: drains the mailbox, then parks the actor back in its handle.
