@@ -242,3 +242,178 @@ async fn the_node_runs_without_transparent_huge_pages() {
         .expect("the kernel reports THP_enabled (Linux 5.0 and later)");
     assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
 }
+
+/// One HTTP/1.1 request on a connection the caller keeps (a pooled client could try to open a
+/// new one, which a node out of descriptors would not accept). Returns the status and JSON body.
+async fn on_connection(
+    conn: &mut tokio::net::TcpStream,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: colony\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(format!("{head}{body}").as_bytes())
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut chunk).await.expect("receive");
+        assert!(n > 0, "the node closed the connection");
+        got.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = text[..end]
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .expect("a content-length");
+        if got.len() >= end + 4 + length {
+            let status = text[9..12].parse().expect("a status");
+            let json = serde_json::from_slice(&got[end + 4..end + 4 + length]).expect("JSON");
+            return (status, json);
+        }
+    }
+}
+
+/// A node out of file descriptors (here, every one held by an idle client connection)
+/// answers a request that would open a database with 503 `too_many_open_files` and creates
+/// nothing. It keeps serving the objects it has open, durably: their writes cross into new log
+/// segments, which are prepared and held open ahead of need (a segment switch that needed a
+/// descriptor failed every write of its batch). Once the connections close it opens objects
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_out_of_file_descriptors_refuses_new_objects_and_keeps_serving_open_ones() {
+    let mut node = TestNode::configured(
+        "listen: {listen}
+dataDir: {data}
+namespaces: [{name: default}]
+storage: { idleTimeout: 1h, logSegmentBytes: 1MiB }
+",
+    );
+    node.file_limit = Some(512);
+    node.start().await;
+    let addr = format!("127.0.0.1:{}", node.port);
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (s, _) = on_connection(
+        &mut conn,
+        "PUT",
+        "/v1/ns/default/names/kept/kv/v",
+        Some(&json!(0)),
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Opened by a read: its first write comes when no descriptor is left.
+    let (s, _) = on_connection(&mut conn, "GET", "/v1/ns/default/names/read/kv/v", None).await;
+    assert_eq!(s, 404);
+
+    // Idle connections until the node accepts no more: the last one waits in the backlog.
+    let mut held = Vec::new();
+    let exhausted = loop {
+        assert!(held.len() < 1000, "the node kept accepting connections");
+        let mut c = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let answered = tokio::time::timeout(
+            Duration::from_millis(500),
+            on_connection(&mut c, "GET", "/healthz", None),
+        )
+        .await
+        .is_ok();
+        held.push(c);
+        if !answered {
+            break held.len();
+        }
+    };
+    assert!(
+        exhausted > 100,
+        "only {exhausted} connections were accepted"
+    );
+
+    let (s, v) = on_connection(
+        &mut conn,
+        "PUT",
+        "/v1/ns/default/names/fresh/kv/v",
+        Some(&json!(1)),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (503, Some("too_many_open_files")),
+        "{v}"
+    );
+
+    let (s, v) = on_connection(
+        &mut conn,
+        "PUT",
+        "/v1/ns/default/names/read/kv/v",
+        Some(&json!(3)),
+    )
+    .await;
+    assert_eq!(s, 200, "the first write to an object opened by a read: {v}");
+
+    // 40 values of 48 KiB that compress poorly: about 2 MiB of log, two segment switches.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut last = String::new();
+    for i in 1..=40 {
+        last = (0..48 * 1024)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (b'a' + (seed % 26) as u8) as char
+            })
+            .collect();
+        let (s, v) = on_connection(
+            &mut conn,
+            "PUT",
+            "/v1/ns/default/names/kept/kv/v",
+            Some(&json!(last)),
+        )
+        .await;
+        assert_eq!(s, 200, "write {i} to an open object: {v}");
+    }
+
+    drop(held);
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = node
+            .client
+            .put(node.obj("default", "fresh", "/kv/v"))
+            .json(&json!(2))
+            .send()
+            .await
+            && r.status().as_u16() == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node did not open objects again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The refused put left nothing: the first value is the one written afterwards.
+    let (s, v) = node.get("/v1/ns/default/names/fresh/kv/v").await;
+    assert_eq!((s, v["value"].as_u64()), (200, Some(2)));
+
+    node.restart().await;
+    let (s, v) = node.get("/v1/ns/default/names/kept/kv/v").await;
+    assert_eq!((s, v["value"].as_str()), (200, Some(last.as_str())));
+    let (s, v) = node.get("/v1/ns/default/names/read/kv/v").await;
+    assert_eq!((s, v["value"].as_u64()), (200, Some(3)));
+}

@@ -69,7 +69,39 @@ pub struct ObjectDb {
 }
 
 fn sqlite_err(e: rusqlite::Error) -> ApiError {
+    if e.sqlite_error_code() == Some(ErrorCode::CannotOpen) && out_of_descriptors() {
+        return too_many_open_files();
+    }
     ApiError::internal(format!("database error: {e}"))
+}
+
+/// An error opening `path`: 503 when the process is out of file descriptors (the node sheds
+/// load; a retry once connections or objects close succeeds), 500 otherwise.
+fn open_err(path: &Path, e: &std::io::Error) -> ApiError {
+    if descriptors_exhausted(e) {
+        return too_many_open_files();
+    }
+    ApiError::internal(format!("cannot open {}: {e}", path.display()))
+}
+
+fn descriptors_exhausted(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// SQLite says only "unable to open database file" when the process is out of file
+/// descriptors, as for a missing directory or a denied permission: a failed open looks for
+/// itself. (A descriptor freed in between makes it a 500, as before.)
+fn out_of_descriptors() -> bool {
+    File::open("/dev/null")
+        .err()
+        .is_some_and(|e| descriptors_exhausted(&e))
+}
+
+fn too_many_open_files() -> ApiError {
+    ApiError::unavailable(
+        "too_many_open_files",
+        "the node has no file descriptors left to open this object's database; retry shortly",
+    )
 }
 
 /// Database files this small are checked for never having been written.
@@ -240,17 +272,24 @@ impl ObjectDb {
         let db_pages: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sqlite_err)?;
-        let db_file = Arc::new(
-            File::open(path)
-                .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?,
-        );
+        let db_file = Arc::new(File::open(path).map_err(|e| open_err(path, &e))?);
+        // Opened now, not at the first commit: a commit that SQLite made but the node could not
+        // read from the WAL (no descriptor left) would be visible here but in no page set.
+        // Opening a database in WAL mode creates its `-wal`; should it be missing, the first
+        // commit opens the reader (`capture`).
+        let wal_path = wal_path_of(path);
+        let wal = match WalReader::open(&wal_path, PAGE_SIZE) {
+            Ok(reader) => Some(reader),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(open_err(&wal_path, &e)),
+        };
         new_dirs.add(changed_dirs);
         Ok(ObjectDb {
             conn,
             key,
             slot,
             path: path.to_path_buf(),
-            wal: None,
+            wal,
             frames_captured: 0,
             wal_frames,
             user_mode,
@@ -395,6 +434,8 @@ impl ObjectDb {
         }
         if self.wal.is_none() {
             let wal_path = wal_path_of(&self.path);
+            // Not a 503 `too_many_open_files` as at open: SQLite has committed by now, and a
+            // retry could apply the request twice.
             self.wal = Some(WalReader::open(&wal_path, PAGE_SIZE).map_err(|e| {
                 ApiError::internal(format!("cannot open {}: {e}", wal_path.display()))
             })?);
@@ -584,7 +625,12 @@ pub fn map_sqlite_error(
                 ErrorCode::DatabaseCorrupt
                 | ErrorCode::NotADatabase
                 | ErrorCode::SystemIoFailure
-                | ErrorCode::CannotOpen => ApiError::internal(format!("storage error: {msg}")),
+                | ErrorCode::CannotOpen => {
+                    if f.code == ErrorCode::CannotOpen && out_of_descriptors() {
+                        return too_many_open_files();
+                    }
+                    ApiError::internal(format!("storage error: {msg}"))
+                }
                 ErrorCode::OutOfMemory => {
                     ApiError::unavailable("out_of_memory", "the node is out of memory")
                 }

@@ -633,10 +633,16 @@ impl Drop for LogRunner {
 }
 
 /// Keeps one preallocated spare segment ready so switching segments never waits for zero-fill.
+/// Segments prepared ahead of need. Each is held open, and so is the log's directory, so that
+/// moving to a new segment needs no new file descriptor: a node that has run out of them (a
+/// burst of client connections) keeps committing, where an `EMFILE` at a segment switch
+/// failed every write in the batch.
 struct Spares {
     dir: PathBuf,
+    /// The log's directory, held open to sync after a spare is renamed into place.
+    dir_handle: File,
     segment_bytes: u64,
-    ready: Mutex<Vec<PathBuf>>,
+    ready: Mutex<Vec<(PathBuf, File)>>,
     wake: Condvar,
     stopping: std::sync::atomic::AtomicBool,
     next: AtomicU64,
@@ -645,7 +651,7 @@ struct Spares {
 const SPARES_KEPT: usize = 2;
 
 impl Spares {
-    fn take(&self) -> Option<PathBuf> {
+    fn take(&self) -> Option<(PathBuf, File)> {
         let taken = self.ready.lock().ok()?.pop();
         self.wake.notify_all();
         taken
@@ -660,8 +666,11 @@ impl Spares {
             return Ok(false);
         }
         let spare = segments::spare_path(&self.dir, self.next.fetch_add(1, Ordering::Relaxed));
+        // Opened before the rename: a descriptor that cannot be had leaves the segment to be
+        // removed, as when enough spares are kept.
+        let file = open_read_write(path)?;
         fs::rename(path, &spare)?;
-        ready.push(spare);
+        ready.push((spare, file));
         Ok(true)
     }
 
@@ -677,10 +686,12 @@ impl Spares {
             if need {
                 let path =
                     segments::spare_path(&self.dir, self.next.fetch_add(1, Ordering::Relaxed));
-                match segments::preallocate(&path, self.segment_bytes) {
-                    Ok(()) => {
+                match segments::preallocate(&path, self.segment_bytes)
+                    .and_then(|()| open_read_write(&path))
+                {
+                    Ok(file) => {
                         if let Ok(mut r) = self.ready.lock() {
-                            r.push(path);
+                            r.push((path, file));
                         }
                         backoff = Duration::from_millis(100);
                         continue;
@@ -744,6 +755,7 @@ pub fn start(
     super::dirs::create_dir_all_durable(dir)?;
     let spares = Arc::new(Spares {
         dir: dir.to_path_buf(),
+        dir_handle: File::open(dir)?,
         segment_bytes,
         ready: Mutex::new(Vec::new()),
         wake: Condvar::new(),
@@ -758,8 +770,9 @@ pub fn start(
             .unwrap_or(false);
         let ready_len = spares.ready.lock().map(|r| r.len()).unwrap_or(SPARES_KEPT);
         if ok && ready_len < SPARES_KEPT && path.extension().is_some_and(|e| e == "log") {
+            let file = open_read_write(&path)?;
             if let Ok(mut r) = spares.ready.lock() {
-                r.push(path.clone());
+                r.push((path.clone(), file));
             }
             next_spare += 1;
         } else {
@@ -833,12 +846,19 @@ fn open_segment(spares: &Spares, path: &Path, len: u64) -> io::Result<File> {
         None
     };
     match spare {
-        Some(spare) => {
+        Some((spare, file)) => {
             fs::rename(&spare, path)?;
-            segments::sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+            spares.dir_handle.sync_all()?;
+            Ok(file)
         }
-        None => segments::preallocate(path, len)?,
+        None => {
+            segments::preallocate(path, len)?;
+            open_read_write(path)
+        }
     }
+}
+
+fn open_read_write(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).open(path)
 }
 
