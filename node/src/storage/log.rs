@@ -632,11 +632,10 @@ impl Drop for LogRunner {
     }
 }
 
-/// Keeps one preallocated spare segment ready so switching segments never waits for zero-fill.
-/// Segments prepared ahead of need. Each is held open, and so is the log's directory, so that
-/// moving to a new segment needs no new file descriptor: a node that has run out of them (a
-/// burst of client connections) keeps committing, where an `EMFILE` at a segment switch
-/// failed every write in the batch.
+/// Keeps preallocated spare segments ready, so switching segments never waits for zero-fill.
+/// Each is held open, and so is the log's directory, so that the switch needs no new file
+/// descriptor either: a node that has run out of them (a burst of client connections) keeps
+/// committing, where an `EMFILE` at a segment switch failed every write of its batch.
 struct Spares {
     dir: PathBuf,
     /// The log's directory, held open to sync after a spare is renamed into place.
