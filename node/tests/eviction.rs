@@ -287,6 +287,16 @@ async fn on_connection(
     }
 }
 
+/// Puts `value` under key `v` of object `name`, on `conn`.
+async fn put_on(
+    conn: &mut tokio::net::TcpStream,
+    name: &str,
+    value: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let path = format!("/v1/ns/default/names/{name}/kv/v");
+    on_connection(conn, "PUT", &path, Some(value)).await
+}
+
 /// A node out of file descriptors (here, every one held by an idle client connection)
 /// answers a request that would open a database with 503 `too_many_open_files` and creates
 /// nothing. It keeps serving the objects it has open, durably: their writes cross into new log
@@ -308,13 +318,7 @@ storage: { idleTimeout: 1h, logSegmentBytes: 1MiB }
     let mut conn = tokio::net::TcpStream::connect(&addr)
         .await
         .expect("connect");
-    let (s, _) = on_connection(
-        &mut conn,
-        "PUT",
-        "/v1/ns/default/names/kept/kv/v",
-        Some(&json!(0)),
-    )
-    .await;
+    let (s, _) = put_on(&mut conn, "kept", &json!(0)).await;
     assert_eq!(s, 200);
     // Opened by a read: its first write comes when no descriptor is left.
     let (s, _) = on_connection(&mut conn, "GET", "/v1/ns/default/names/read/kv/v", None).await;
@@ -343,26 +347,14 @@ storage: { idleTimeout: 1h, logSegmentBytes: 1MiB }
         "only {exhausted} connections were accepted"
     );
 
-    let (s, v) = on_connection(
-        &mut conn,
-        "PUT",
-        "/v1/ns/default/names/fresh/kv/v",
-        Some(&json!(1)),
-    )
-    .await;
+    let (s, v) = put_on(&mut conn, "fresh", &json!(1)).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (503, Some("too_many_open_files")),
         "{v}"
     );
 
-    let (s, v) = on_connection(
-        &mut conn,
-        "PUT",
-        "/v1/ns/default/names/read/kv/v",
-        Some(&json!(3)),
-    )
-    .await;
+    let (s, v) = put_on(&mut conn, "read", &json!(3)).await;
     assert_eq!(s, 200, "the first write to an object opened by a read: {v}");
 
     // 40 values of 48 KiB that compress poorly: about 2 MiB of log, two segment switches.
@@ -377,13 +369,7 @@ storage: { idleTimeout: 1h, logSegmentBytes: 1MiB }
                 (b'a' + (seed % 26) as u8) as char
             })
             .collect();
-        let (s, v) = on_connection(
-            &mut conn,
-            "PUT",
-            "/v1/ns/default/names/kept/kv/v",
-            Some(&json!(last)),
-        )
-        .await;
+        let (s, v) = put_on(&mut conn, "kept", &json!(last)).await;
         assert_eq!(s, 200, "write {i} to an open object: {v}");
     }
 

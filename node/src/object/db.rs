@@ -69,7 +69,7 @@ pub struct ObjectDb {
 }
 
 fn sqlite_err(e: rusqlite::Error) -> ApiError {
-    if e.sqlite_error_code() == Some(ErrorCode::CannotOpen) && out_of_descriptors() {
+    if out_of_descriptors(e.sqlite_error_code()) {
         return too_many_open_files();
     }
     ApiError::internal(format!("database error: {e}"))
@@ -88,13 +88,15 @@ fn descriptors_exhausted(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
-/// SQLite says only "unable to open database file" when the process is out of file
-/// descriptors, as for a missing directory or a denied permission: a failed open looks for
-/// itself. (A descriptor freed in between makes it a 500, as before.)
-fn out_of_descriptors() -> bool {
-    File::open("/dev/null")
-        .err()
-        .is_some_and(|e| descriptors_exhausted(&e))
+/// Whether SQLite's error `code` means the process is out of file descriptors. SQLite says
+/// only "unable to open database file" (`CANTOPEN`), as for a missing directory or a denied
+/// permission, so a failed open looks for itself. (A descriptor freed in between makes it a
+/// 500, as before.)
+fn out_of_descriptors(code: Option<ErrorCode>) -> bool {
+    code == Some(ErrorCode::CannotOpen)
+        && File::open("/dev/null")
+            .err()
+            .is_some_and(|e| descriptors_exhausted(&e))
 }
 
 fn too_many_open_files() -> ApiError {
@@ -626,7 +628,7 @@ pub fn map_sqlite_error(
                 | ErrorCode::NotADatabase
                 | ErrorCode::SystemIoFailure
                 | ErrorCode::CannotOpen => {
-                    if f.code == ErrorCode::CannotOpen && out_of_descriptors() {
+                    if out_of_descriptors(Some(f.code)) {
                         return too_many_open_files();
                     }
                     ApiError::internal(format!("storage error: {msg}"))
