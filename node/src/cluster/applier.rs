@@ -772,6 +772,7 @@ mod tests {
             object,
             fence: None,
             payload: bytes::Bytes::copy_from_slice(payload),
+            lazy: false,
             done: Box::new(move |r| {
                 let _ = tx.send(r.expect("logged"));
             }),

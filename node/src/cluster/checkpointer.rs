@@ -144,6 +144,7 @@ fn run(
                     object: c.object.clone(),
                     fence: None,
                     payload: encode_checkpoint(&c).into(),
+                    lazy: false,
                     done: Box::new(|_| {}),
                 })
             });

@@ -9,10 +9,11 @@
 //! The entry of a lone request (nothing else in flight on the owner) is written to the socket by
 //! the thread that sends it instead, when nothing is queued: it reaches the followers before the
 //! owner starts its own fsync, with no hand-off to the link's task (a hand-off wakes a thread,
-//! tens of microseconds on a VM, and here it delays the write's acknowledgement). Under
-//! concurrency the task's batching is worth more than that, and the task lets the other ready
-//! tasks run before it writes, so their entries go out in the same write. Frames keep their
-//! order either way.
+//! tens of microseconds on a VM, and here it delays the write's acknowledgement). That is done
+//! only for the followers the owner counts on for its quorum; the others' copies go to their
+//! links' tasks. Under concurrency the task's batching is worth more than that, and the task
+//! lets the other ready tasks run before it writes, so their entries go out in the same write.
+//! Frames keep their order either way.
 
 use super::Cluster;
 use super::wire::Frame;
@@ -110,27 +111,31 @@ impl Links {
         self.link(node).queue(&bytes);
     }
 
-    /// Sends one frame to several nodes, encoding it once; `now`: written by this thread where
-    /// nothing is queued (for a lone request, see the module comment).
-    pub fn send_to_each<'a>(
-        &self,
-        nodes: impl IntoIterator<Item = &'a str>,
-        frame: &Frame,
-        now: bool,
-    ) {
-        let mut bytes: Option<BytesMut> = None;
-        for node in nodes {
-            let bytes = bytes.get_or_insert_with(|| {
-                let mut b = BytesMut::new();
-                frame.encode(&mut b);
-                b
-            });
+    /// Sends an append frame to several nodes, encoding it once, followed by a
+    /// [`Frame::SyncNow`] to those marked `true` (see [`crate::storage::log::NodeLog::urge`]);
+    /// `now`: written by this thread where nothing is queued (for a lone request, see the
+    /// module comment).
+    pub fn send_append(&self, nodes: &[(&str, bool)], frame: &Frame, now: bool) {
+        if nodes.is_empty() {
+            return;
+        }
+        let mut bytes = BytesMut::new();
+        frame.encode(&mut bytes);
+        let append_len = bytes.len();
+        Frame::SyncNow.encode(&mut bytes);
+        // Those counted on first: on a lone request this thread writes to their sockets before
+        // it logs the entry itself, and the others' bytes go to their links' tasks, off the
+        // request's path.
+        for &(node, _) in nodes.iter().filter(|(_, urgent)| *urgent) {
             let link = self.link(node);
             if now {
-                link.write_now(bytes);
+                link.write_now(&bytes);
             } else {
-                link.queue(bytes);
+                link.queue(&bytes);
             }
+        }
+        for &(node, _) in nodes.iter().filter(|(_, urgent)| !*urgent) {
+            self.link(node).queue(&bytes[..append_len]);
         }
     }
 
@@ -411,5 +416,81 @@ mod tests {
         );
         assert!(buf.is_empty(), "nothing but the frames sent");
         writer.abort();
+    }
+
+    /// A link whose socket is connected to a local peer, and that peer's end.
+    async fn connected_link() -> (Arc<Link>, TcpStream, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_read_half, write_half) = client.expect("connect").into_split();
+        let (peer, _) = accepted.expect("accept");
+        let socket = Arc::new(write_half);
+        let link = Arc::new(Link::default());
+        link.out().socket = Some(socket.clone());
+        let writer = tokio::spawn({
+            let link = link.clone();
+            async move { write_queued(&link, &socket).await }
+        });
+        (link, peer, writer)
+    }
+
+    /// Reads `n` frames from `peer`, then checks that nothing else arrives shortly after.
+    async fn frames_from(peer: &mut TcpStream, n: usize) -> Vec<Frame> {
+        let mut buf = BytesMut::new();
+        let mut received = Vec::new();
+        loop {
+            while let Some(f) = Frame::decode(&mut buf).expect("whole frames") {
+                received.push(f);
+            }
+            let wait = if received.len() < n {
+                Duration::from_secs(10)
+            } else {
+                Duration::from_millis(100)
+            };
+            match tokio::time::timeout(wait, peer.read_buf(&mut buf)).await {
+                Ok(read) => assert!(read.expect("read") > 0, "the link closed"),
+                Err(_) if received.len() >= n => return received,
+                Err(_) => panic!("only {} of {n} frames arrived", received.len()),
+            }
+        }
+    }
+
+    /// An entry reaches every follower it is sent to; those the owner counts on get a
+    /// `SyncNow` after it, written directly or queued alike, and the others none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_followers_counted_on_are_told_to_sync_now() {
+        let links = Links::default();
+        let mut peers = Vec::new();
+        let mut writers = Vec::new();
+        for node in ["counted", "lazy"] {
+            let (link, peer, writer) = connected_link().await;
+            links
+                .links
+                .lock()
+                .expect("links")
+                .insert(node.to_string(), link);
+            peers.push(peer);
+            writers.push(writer);
+        }
+        let entry = |epoch| Frame::Append {
+            entry: bytes::Bytes::from_static(b"entry"),
+            kind: crate::storage::record::RecordKind::PageSet,
+            epoch,
+        };
+        let nodes = [("lazy", false), ("counted", true)];
+        links.send_append(&nodes, &entry(1), true);
+        links.send_append(&nodes, &entry(2), false);
+        assert_eq!(
+            frames_from(&mut peers[0], 4).await,
+            vec![entry(1), Frame::SyncNow, entry(2), Frame::SyncNow]
+        );
+        assert_eq!(
+            frames_from(&mut peers[1], 2).await,
+            vec![entry(1), entry(2)]
+        );
+        for w in writers {
+            w.abort();
+        }
     }
 }

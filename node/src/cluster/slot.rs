@@ -80,6 +80,32 @@ struct Progress {
     resent: Option<(SlotPos, Instant)>,
 }
 
+/// The streaming followers an entry goes to, each with whether the owner counts on it for the
+/// quorum of `needed` voters (the owner among them): the voters furthest along, up to
+/// `needed - 1`, first in placement order among equals. These commit the entry at once; the
+/// others log it lazily (see [`crate::storage::log::NodeLog::urge`]). A follower that stalls
+/// falls behind within the lazy delay, and the next entry counts on another.
+fn counted_on(progress: &[Progress], needed: usize) -> Vec<(&str, bool)> {
+    let mut streaming: Vec<&Progress> = progress
+        .iter()
+        .filter(|p| p.stream == Stream::Streaming)
+        .collect();
+    let mut by_progress: Vec<usize> = (0..streaming.len())
+        .filter(|&i| streaming[i].votes)
+        .collect();
+    // Stable: equals keep placement order.
+    by_progress.sort_by(|&a, &b| streaming[b].acked.cmp(&streaming[a].acked));
+    let mut urgent = vec![false; streaming.len()];
+    for i in by_progress.into_iter().take(needed.saturating_sub(1)) {
+        urgent[i] = true;
+    }
+    streaming
+        .drain(..)
+        .zip(urgent)
+        .map(|(p, u)| (p.node.as_str(), u))
+        .collect()
+}
+
 /// A follower that still needs a snapshot sync this long after being told is told again (its
 /// previous attempt may have failed, e.g. while this owner was still recovering).
 const SYNC_REASK: Duration = Duration::from_secs(2);
@@ -311,14 +337,8 @@ impl Slot {
         let object = entry.object();
         let kind = entry.kind;
         let bytes = entry.shared_bytes();
-        cl.links.send_to_each(
-            st.progress
-                .iter()
-                .filter(|p| p.stream == Stream::Streaming)
-                .map(|p| p.node.as_str()),
-            &frame,
-            lone,
-        );
+        cl.links
+            .send_append(&counted_on(&st.progress, needed), &frame, lone);
         st.ring.push(frame, pos, !cl.standalone);
         st.pending.push_back(Pending {
             pos,
@@ -337,6 +357,7 @@ impl Slot {
                 generation: st.generation,
             }),
             payload: bytes,
+            lazy: false,
             done: Box::new(move |r| slot.on_local_durable(&cl2, pos, r)),
         });
         Ok(pos)
@@ -560,6 +581,8 @@ impl Slot {
                         for f in frames {
                             cl.links.send(node, f);
                         }
+                        // A resend is awaited (a gap, a new owner's recovery): no lazy delay.
+                        cl.links.send(node, Frame::SyncNow);
                         cl.metrics_resend();
                         let p = &mut st.progress[idx];
                         p.resent = Some((position, Instant::now()));
@@ -708,6 +731,8 @@ impl Slot {
                 generation: st.generation,
             }),
             payload: shared.shared_bytes(),
+            // Committed at once only when the owner counts on this node (`Frame::SyncNow`).
+            lazy: true,
             done: Box::new(move |r| {
                 slot.on_follower_durable(&cl2, pos, sender_epoch, r, for_apply, &reply)
             }),
@@ -1329,6 +1354,53 @@ impl Drop for HandoffInProgress<'_> {
 mod tests {
     use super::*;
     use crate::id::ObjectId;
+
+    fn follower(node: &str, votes: bool, acked: u64, stream: Stream) -> Progress {
+        Progress {
+            node: node.into(),
+            votes,
+            acked: Lsn::new(1, acked),
+            stream,
+            since: Instant::now(),
+            sync_asked: None,
+            resent: None,
+        }
+    }
+
+    /// An owner counts on the `needed - 1` voters furthest along (placement order among
+    /// equals); the rest of its streaming followers, learners included, log the entry lazily,
+    /// and followers not streaming get nothing.
+    #[test]
+    fn an_owner_counts_on_the_voters_furthest_along() {
+        use Stream::*;
+        let progress = vec![
+            follower("a", true, 10, Streaming),
+            follower("b", true, 12, Streaming),
+            follower("c", true, 12, Streaming),
+            follower("d", false, 20, Streaming),
+            follower("e", true, 30, Probing),
+        ];
+        assert_eq!(
+            counted_on(&progress, 3),
+            vec![("a", false), ("b", true), ("c", true), ("d", false)]
+        );
+        assert_eq!(
+            counted_on(&progress, 2),
+            vec![("a", false), ("b", true), ("c", false), ("d", false)],
+            "equals: the first in placement order"
+        );
+        assert_eq!(
+            counted_on(&progress, 5),
+            vec![("a", true), ("b", true), ("c", true), ("d", false)],
+            "more needed than voters streaming: every voter, and still not the learner"
+        );
+        assert_eq!(
+            counted_on(&progress, 1),
+            vec![("a", false), ("b", false), ("c", false), ("d", false)],
+            "an owner that is its own quorum counts on nobody"
+        );
+        assert!(counted_on(&[], 3).is_empty());
+    }
 
     /// `n` delete entries of one slot, each placed after the one before.
     fn chain(n: u64, from: SlotPos) -> Vec<Entry> {

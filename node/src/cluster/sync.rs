@@ -278,6 +278,7 @@ async fn run(
             object: object.clone(),
             fence: None,
             payload: encode_checkpoint(&c).into(),
+            lazy: false,
             done: Box::new(|_| {}),
         });
     }

@@ -71,6 +71,11 @@ pub enum Frame {
     },
     /// Owner → follower: your position is not in my recent history: sync from a snapshot.
     SyncRequired { slot: SlotKey, epoch: u64 },
+    /// Owner → follower: commit the entries sent so far now. A follower logs entries lazily
+    /// (they may wait a moment to share a commit); the owner sends this after each entry to the
+    /// followers it counts on for its quorum. A follower that does not know this frame drops the
+    /// connection, so a cluster's nodes must all run a version that does.
+    SyncNow,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +94,7 @@ const T_ACK: u8 = 3;
 const T_PROBE: u8 = 4;
 const T_STATUS: u8 = 5;
 const T_SYNC: u8 = 6;
+const T_SYNC_NOW: u8 = 7;
 
 fn put_str(b: &mut BytesMut, s: &str) {
     b.put_u8(s.len().min(255) as u8);
@@ -150,6 +156,7 @@ impl Frame {
                 put_slot(out, slot);
                 out.put_u64_le(*epoch);
             }
+            Frame::SyncNow => out.put_u8(T_SYNC_NOW),
         }
         let body_len = out.len() - start - 8;
         let crc = crc32c::crc32c(&out[start + 8..]);
@@ -255,6 +262,7 @@ fn parse(b: &mut Bytes) -> Result<Frame, WireError> {
                 epoch: b.get_u64_le(),
             }
         }
+        T_SYNC_NOW => Frame::SyncNow,
         _ => return Err(WireError::Malformed("unknown frame type")),
     })
 }
@@ -313,6 +321,7 @@ mod tests {
                 state: FollowerState::Gap,
             },
             Frame::SyncRequired { slot, epoch: 6 },
+            Frame::SyncNow,
         ]
     }
 

@@ -139,6 +139,8 @@ where
                         let _ = tx.send(cl.slot(&slot).status_frame());
                     }
                     Frame::SyncRequired { slot, .. } => cl.start_sync(slot),
+                    // Committed below by this thread when it can lead, or by the writer.
+                    Frame::SyncNow => cl.log.urge(),
                     other => tracing::debug!(?other, "unexpected frame from an owner"),
                 },
                 Ok(None) => {
