@@ -350,18 +350,7 @@ mod tests {
     /// every frame, whole, in the order sent.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_and_queued_frames_arrive_whole_and_in_order() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (_read_half, write_half) = client.expect("connect").into_split();
-        let (mut peer, _) = accepted.expect("accept");
-        let socket = Arc::new(write_half);
-        let link = Arc::new(Link::default());
-        link.out().socket = Some(socket.clone());
-        let writer = tokio::spawn({
-            let link = link.clone();
-            async move { write_queued(&link, &socket).await }
-        });
+        let (link, mut peer, writer) = connected_link().await;
         const FRAMES: u64 = 400;
         // Frames of a few KiB each, of varying length: the socket fills within the first few
         // hundred and writes end mid-frame.

@@ -86,23 +86,20 @@ struct Progress {
 /// others log it lazily (see [`crate::storage::log::NodeLog::urge`]). A follower that stalls
 /// falls behind within the lazy delay, and the next entry counts on another.
 fn counted_on(progress: &[Progress], needed: usize) -> Vec<(&str, bool)> {
-    let mut streaming: Vec<&Progress> = progress
+    let streaming: Vec<&Progress> = progress
         .iter()
         .filter(|p| p.stream == Stream::Streaming)
         .collect();
-    let mut by_progress: Vec<usize> = (0..streaming.len())
+    let mut voters: Vec<usize> = (0..streaming.len())
         .filter(|&i| streaming[i].votes)
         .collect();
     // Stable: equals keep placement order.
-    by_progress.sort_by(|&a, &b| streaming[b].acked.cmp(&streaming[a].acked));
-    let mut urgent = vec![false; streaming.len()];
-    for i in by_progress.into_iter().take(needed.saturating_sub(1)) {
-        urgent[i] = true;
-    }
+    voters.sort_by(|&a, &b| streaming[b].acked.cmp(&streaming[a].acked));
+    voters.truncate(needed.saturating_sub(1));
     streaming
-        .drain(..)
-        .zip(urgent)
-        .map(|(p, u)| (p.node.as_str(), u))
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.node.as_str(), voters.contains(&i)))
         .collect()
 }
 

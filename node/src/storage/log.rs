@@ -256,6 +256,11 @@ impl Core {
         self as *const Core as usize
     }
 
+    /// This thread defers its wake-ups for this log ([`NodeLog::defer_wakeups`]).
+    fn deferring(&self) -> bool {
+        DEFERRING.with(|d| d.get()) == self.address()
+    }
+
     fn push(&self, msg: Msg) {
         let lazy = matches!(&msg, Msg::Append(a) if a.lazy);
         let mut q = self.queue();
@@ -265,7 +270,7 @@ impl Core {
         } else if q.lazy_until.is_none() {
             q.lazy_until = Some(Instant::now() + q.gather_times.lazy);
         }
-        let deferred = DEFERRING.with(|d| d.get()) == self.address();
+        let deferred = self.deferring();
         if deferred {
             DEFERRED_RECORDS.with(|n| n.set(n.get() + 1));
         }
@@ -283,8 +288,7 @@ impl Core {
             return;
         }
         q.urgent = true;
-        let deferred = DEFERRING.with(|d| d.get()) == self.address();
-        if !deferred && q.writer_must_wake(true) {
+        if !self.deferring() && q.writer_must_wake(true) {
             drop(q);
             self.wake.notify_one();
         }
@@ -358,41 +362,30 @@ impl Core {
     ) -> MutexGuard<'a, Queue> {
         let deadline = Instant::now() + window;
         q.gathering = true;
-        q.writer_waiting = true;
-        q.writer_wakes_at = Some(deadline);
-        while !q.busy && !q.gathered_enough() {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            q = self
-                .wake
-                .wait_timeout(q, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        while !q.busy && !q.gathered_enough() && Instant::now() < deadline {
+            q = self.wait_until(q, deadline).0;
         }
         q.gathering = false;
-        q.writer_waiting = false;
-        q.writer_wakes_at = None;
         q
     }
 
-    /// Waits until `until`, or until woken (something urgent arrived, or the log ends).
+    /// The writer thread waits until `until`, or until woken; true when it was not woken (as
+    /// far as the condition variable tells).
     fn wait_until<'a>(
         &'a self,
         mut q: MutexGuard<'a, Queue>,
         until: Instant,
-    ) -> MutexGuard<'a, Queue> {
+    ) -> (MutexGuard<'a, Queue>, bool) {
         q.writer_waiting = true;
         q.writer_wakes_at = Some(until);
         let left = until.saturating_duration_since(Instant::now());
-        q = self
+        let (mut q, timeout) = self
             .wake
             .wait_timeout(q, left)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+            .unwrap_or_else(|p| p.into_inner());
         q.writer_waiting = false;
         q.writer_wakes_at = None;
-        q
+        (q, timeout.timed_out())
     }
 
     /// The writer thread: commits whatever is queued; reclaims segments when idle.
@@ -404,7 +397,7 @@ impl Core {
                 && let Some(until) = q.lazy_wait(Instant::now())
                 && q.handles > 0
             {
-                q = self.wait_until(q, until);
+                q = self.wait_until(q, until).0;
                 continue;
             }
             if !q.busy
@@ -432,17 +425,10 @@ impl Core {
             if q.handles == 0 && q.msgs.is_empty() && !q.busy {
                 return;
             }
-            q.writer_waiting = true;
-            let idle = Duration::from_millis(200);
-            q.writer_wakes_at = Some(Instant::now() + idle);
-            let (guard, timeout) = self
-                .wake
-                .wait_timeout(q, idle)
-                .unwrap_or_else(|p| p.into_inner());
+            let (guard, timed_out) =
+                self.wait_until(q, Instant::now() + Duration::from_millis(200));
             q = guard;
-            q.writer_waiting = false;
-            q.writer_wakes_at = None;
-            if timeout.timed_out() && !q.busy && q.msgs.is_empty() {
+            if timed_out && !q.busy && q.msgs.is_empty() {
                 q.busy = true;
                 drop(q);
                 self.writer
@@ -474,7 +460,7 @@ impl Drop for Release<'_> {
 /// The longest a lazy record waits for a commit that something else starts. Followers log the
 /// entries of the followers an owner does not count on for its quorum lazily: see
 /// [`NodeLog::urge`].
-pub const LAZY_COMMIT_DELAY: Duration = Duration::from_millis(2);
+const LAZY_COMMIT_DELAY: Duration = Duration::from_millis(2);
 
 /// A commit of fewer records than this may wait for more ([`Gathering`]).
 const GATHER_RECORDS: usize = 4;
