@@ -16,7 +16,7 @@
 //! Frames keep their order either way.
 
 use super::Cluster;
-use super::wire::Frame;
+use super::wire::{Frame, PROTOCOL_VERSION, SYNC_NOW_SINCE, VERSION_HEADER};
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -54,6 +54,8 @@ struct Outgoing {
     /// The link's task is writing (queued bytes, or bytes it took from the queue): senders queue
     /// behind it instead of writing themselves, so frames keep their order.
     task_writes: bool,
+    /// The follower knows [`Frame::SyncNow`] (stated in its upgrade response).
+    takes_sync_now: bool,
 }
 
 impl Link {
@@ -63,10 +65,14 @@ impl Link {
 
     /// Queues `bytes` (whole frames) for the link's task.
     fn queue(&self, bytes: &[u8]) {
-        let mut out = self.out();
+        let out = self.out();
         if out.socket.is_none() {
             return; // down: dropped (see the module comment)
         }
+        self.queue_locked(out, bytes);
+    }
+
+    fn queue_locked(&self, mut out: MutexGuard<'_, Outgoing>, bytes: &[u8]) {
         out.queue.extend_from_slice(bytes);
         if !out.task_writes {
             out.task_writes = true;
@@ -75,10 +81,34 @@ impl Link {
         }
     }
 
+    /// Sends an entry's frame followed by a [`Frame::SyncNow`] (`bytes`, the entry's frame being
+    /// the first `append_len`), or the entry alone to a follower that does not know `SyncNow`;
+    /// written by this thread (`now`) or queued for the link's task.
+    fn send_counted_on(&self, bytes: &[u8], append_len: usize, now: bool) {
+        let out = self.out();
+        if out.socket.is_none() {
+            return; // down: dropped (see the module comment)
+        }
+        let bytes = if out.takes_sync_now {
+            bytes
+        } else {
+            &bytes[..append_len]
+        };
+        if now {
+            self.write_now_locked(out, bytes);
+        } else {
+            self.queue_locked(out, bytes);
+        }
+    }
+
     /// Writes `bytes` (whole frames) now if nothing is queued and the socket takes them; queues
     /// what it does not take.
+    #[cfg(test)]
     fn write_now(&self, bytes: &[u8]) {
-        let mut out = self.out();
+        self.write_now_locked(self.out(), bytes);
+    }
+
+    fn write_now_locked(&self, mut out: MutexGuard<'_, Outgoing>, bytes: &[u8]) {
         let Some(socket) = out.socket.clone() else {
             return; // down: dropped (see the module comment)
         };
@@ -111,10 +141,21 @@ impl Links {
         self.link(node).queue(&bytes);
     }
 
+    /// Tells `node` to commit what it was sent ([`Frame::SyncNow`]), if it knows how.
+    pub fn send_sync_now(&self, node: &str) {
+        let link = self.link(node);
+        let out = link.out();
+        if out.socket.is_some() && out.takes_sync_now {
+            let mut bytes = BytesMut::new();
+            Frame::SyncNow.encode(&mut bytes);
+            link.queue_locked(out, &bytes);
+        }
+    }
+
     /// Sends an append frame to several nodes, encoding it once, followed by a
-    /// [`Frame::SyncNow`] to those marked `true` (see [`crate::storage::log::NodeLog::urge`]);
-    /// `now`: written by this thread where nothing is queued (for a lone request, see the
-    /// module comment).
+    /// [`Frame::SyncNow`] to those marked `true` (see [`crate::storage::log::NodeLog::urge`])
+    /// that know it; `now`: written by this thread where nothing is queued (for a lone request,
+    /// see the module comment).
     pub fn send_append(&self, nodes: &[(&str, bool)], frame: &Frame, now: bool) {
         if nodes.is_empty() {
             return;
@@ -127,12 +168,7 @@ impl Links {
         // it logs the entry itself, and the others' bytes go to their links' tasks, off the
         // request's path.
         for &(node, _) in nodes.iter().filter(|(_, urgent)| *urgent) {
-            let link = self.link(node);
-            if now {
-                link.write_now(&bytes);
-            } else {
-                link.queue(&bytes);
-            }
+            self.link(node).send_counted_on(&bytes, append_len, now);
         }
         for &(node, _) in nodes.iter().filter(|(_, urgent)| !*urgent) {
             self.link(node).queue(&bytes[..append_len]);
@@ -153,12 +189,23 @@ impl Links {
     }
 }
 
+/// The protocol version a follower states in its upgrade response head (1 when it does not).
+fn version_in(head: &str) -> u8 {
+    head.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case(VERSION_HEADER))
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(1)
+}
+
+/// Connects to a follower and upgrades the connection; returns it with the follower's protocol
+/// version.
 async fn connect(
     addr: &str,
     source: Option<IpAddr>,
     me: &str,
     token: Option<&str>,
-) -> std::io::Result<TcpStream> {
+) -> std::io::Result<(TcpStream, u8)> {
     let target: SocketAddr = tokio::net::lookup_host(addr)
         .await?
         .next()
@@ -202,7 +249,7 @@ async fn connect(
             status.lines().next().unwrap_or_default()
         )));
     }
-    Ok(stream)
+    Ok((stream, version_in(&status)))
 }
 
 /// The first wait before connecting again after a failed attempt; it doubles up to
@@ -230,20 +277,22 @@ async fn run_link(cluster: Weak<Cluster>, node: String, link: Arc<Link>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let stream = match connect(&addr, cl.source_address, &cl.me, cl.peers.token()).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(node, error = %e, "replication link down");
-                drop(cl);
-                tokio::time::sleep(backoff_after(&mut backoff)).await;
-                continue;
-            }
-        };
+        let (stream, version) =
+            match connect(&addr, cl.source_address, &cl.me, cl.peers.token()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "replication link down");
+                    drop(cl);
+                    tokio::time::sleep(backoff_after(&mut backoff)).await;
+                    continue;
+                }
+            };
         let up_since = std::time::Instant::now();
         let (mut reader, mut writer) = stream.into_split();
         let mut hello = BytesMut::new();
         Frame::Hello {
             node: cl.me.clone(),
+            version: PROTOCOL_VERSION,
         }
         .encode(&mut hello);
         if writer.write_all(&hello).await.is_err() {
@@ -257,8 +306,9 @@ async fn run_link(cluster: Weak<Cluster>, node: String, link: Arc<Link>) {
             out.socket = Some(socket.clone());
             out.queue.clear();
             out.task_writes = false;
+            out.takes_sync_now = version >= SYNC_NOW_SINCE;
         }
-        tracing::debug!(node, "replication link up");
+        tracing::debug!(node, version, "replication link up");
         cl.on_link_up(&node);
         let cl_reader = cl.clone();
         let from = node.clone();
@@ -407,7 +457,26 @@ mod tests {
         writer.abort();
     }
 
-    /// A link whose socket is connected to a local peer, and that peer's end.
+    /// A follower states its version in the upgrade response; one that does not (or states
+    /// something unreadable) speaks version 1.
+    #[test]
+    fn a_followers_version_is_read_from_its_upgrade_response() {
+        let head = |extra: &str| {
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n{extra}Upgrade: colony-replication\r\n\r\n"
+            )
+        };
+        assert_eq!(version_in(&head("X-Colony-Replication-Version: 2\r\n")), 2);
+        assert_eq!(version_in(&head("x-colony-replication-version:7\r\n")), 7);
+        assert_eq!(version_in(&head("")), 1);
+        assert_eq!(
+            version_in(&head("x-colony-replication-version: two\r\n")),
+            1
+        );
+    }
+
+    /// A link whose socket is connected to a local peer (of the current protocol version), and
+    /// that peer's end.
     async fn connected_link() -> (Arc<Link>, TcpStream, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -416,7 +485,11 @@ mod tests {
         let (peer, _) = accepted.expect("accept");
         let socket = Arc::new(write_half);
         let link = Arc::new(Link::default());
-        link.out().socket = Some(socket.clone());
+        {
+            let mut out = link.out();
+            out.socket = Some(socket.clone());
+            out.takes_sync_now = true;
+        }
         let writer = tokio::spawn({
             let link = link.clone();
             async move { write_queued(&link, &socket).await }
@@ -446,14 +519,16 @@ mod tests {
     }
 
     /// An entry reaches every follower it is sent to; those the owner counts on get a
-    /// `SyncNow` after it, written directly or queued alike, and the others none.
+    /// `SyncNow` after it, written directly or queued alike, and the others none — nor does a
+    /// follower of protocol version 1, which would drop the connection on it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_followers_counted_on_are_told_to_sync_now() {
         let links = Links::default();
         let mut peers = Vec::new();
         let mut writers = Vec::new();
-        for node in ["counted", "lazy"] {
+        for node in ["counted", "lazy", "old"] {
             let (link, peer, writer) = connected_link().await;
+            link.out().takes_sync_now = node != "old";
             links
                 .links
                 .lock()
@@ -467,15 +542,28 @@ mod tests {
             kind: crate::storage::record::RecordKind::PageSet,
             epoch,
         };
-        let nodes = [("lazy", false), ("counted", true)];
+        let nodes = [("lazy", false), ("counted", true), ("old", true)];
         links.send_append(&nodes, &entry(1), true);
         links.send_append(&nodes, &entry(2), false);
+        // As after a resend.
+        links.send_sync_now("counted");
+        links.send_sync_now("old");
         assert_eq!(
-            frames_from(&mut peers[0], 4).await,
-            vec![entry(1), Frame::SyncNow, entry(2), Frame::SyncNow]
+            frames_from(&mut peers[0], 5).await,
+            vec![
+                entry(1),
+                Frame::SyncNow,
+                entry(2),
+                Frame::SyncNow,
+                Frame::SyncNow
+            ]
         );
         assert_eq!(
             frames_from(&mut peers[1], 2).await,
+            vec![entry(1), entry(2)]
+        );
+        assert_eq!(
+            frames_from(&mut peers[2], 2).await,
             vec![entry(1), entry(2)]
         );
         for w in writers {

@@ -878,6 +878,76 @@ mod tests {
         pos
     }
 
+    /// A follower logs entries lazily only for an owner that tells it when to commit them: from
+    /// an owner of protocol version 1 (its hello carries no version) an entry is acknowledged at
+    /// once, although lazy records here would wait a minute; from a version 2 owner it waits for
+    /// the owner's `SyncNow`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_logs_lazily_only_for_an_owner_that_says_when_to_commit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (runner, cluster) = node_n1(dir.path());
+        cluster.log.set_lazy_delay(Duration::from_secs(60));
+        cluster.lease.renewed(Instant::now(), 1);
+        cluster.apply_placement(every_slot(1, 1, "n2", &["n1"]));
+        // Reads frames until an ack arrives (true) or `wait` passes (false).
+        async fn acked_within(owner: &mut tokio::io::DuplexStream, wait: Duration) -> bool {
+            let mut buf = bytes::BytesMut::new();
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                if let Some(f) = Frame::decode(&mut buf).expect("whole frames") {
+                    assert!(matches!(f, Frame::Ack { .. }), "unexpected answer {f:?}");
+                    return true;
+                }
+                match tokio::time::timeout_at(deadline, owner.read_buf(&mut buf)).await {
+                    Ok(read) => assert!(read.expect("read") > 0, "the follower hung up"),
+                    Err(_) => return false,
+                }
+            }
+        }
+        for (version, slot) in [(1u8, 0u32), (wire::PROTOCOL_VERSION, 1)] {
+            let (mut owner, follower) = tokio::io::duplex(1 << 20);
+            let served = tokio::spawn(crate::http::internal::serve_stream(
+                cluster.clone(),
+                follower,
+            ));
+            let key = SlotKey::new("c", slot);
+            let object = ObjectKey::new("ns".into(), ObjectId::from_bytes([slot as u8; 32]));
+            let mut entry = Entry::delete(&object, &key);
+            entry.place_after(SlotPos::START, Lsn::new(1, 1));
+            let mut out = bytes::BytesMut::new();
+            Frame::Hello {
+                node: "n2".into(),
+                version,
+            }
+            .encode(&mut out);
+            wire::append_frame(&entry, 1).encode(&mut out);
+            owner.write_all(&out).await.expect("send");
+            if version < wire::SYNC_NOW_SINCE {
+                assert!(
+                    acked_within(&mut owner, Duration::from_secs(10)).await,
+                    "an old owner's entry is committed at once"
+                );
+            } else {
+                assert!(
+                    !acked_within(&mut owner, Duration::from_millis(500)).await,
+                    "a lazy entry waits for the owner's word"
+                );
+                let mut sync_now = bytes::BytesMut::new();
+                Frame::SyncNow.encode(&mut sync_now);
+                owner.write_all(&sync_now).await.expect("send");
+                assert!(
+                    acked_within(&mut owner, Duration::from_secs(10)).await,
+                    "committed once told to"
+                );
+            }
+            drop(owner);
+            served.await.expect("the stream ends with its owner");
+        }
+        drop(cluster);
+        drop(runner);
+    }
+
     /// A request that routes to this node in the moment between storing a placement map that
     /// makes it owner and giving the slot that role waits for the role and is served; refused,
     /// it had waited out its whole rerouting time (3 s) for a map naming another owner.
@@ -1220,7 +1290,13 @@ mod tests {
         cluster.lease.renewed(Instant::now(), 1);
         cluster.apply_placement(map);
         // Starts the link (the frame itself is dropped while the link is down).
-        cluster.links.send("n2", Frame::Hello { node: "n1".into() });
+        cluster.links.send(
+            "n2",
+            Frame::Hello {
+                node: "n1".into(),
+                version: wire::PROTOCOL_VERSION,
+            },
+        );
 
         const DROPPED_AT_ONCE: usize = 5;
         // When each connection was accepted and when it was closed.

@@ -579,7 +579,7 @@ impl Slot {
                             cl.links.send(node, f);
                         }
                         // A resend is awaited (a gap, a new owner's recovery): no lazy delay.
-                        cl.links.send(node, Frame::SyncNow);
+                        cl.links.send_sync_now(node);
                         cl.metrics_resend();
                         let p = &mut st.progress[idx];
                         p.resent = Some((position, Instant::now()));
@@ -651,6 +651,7 @@ impl Slot {
         cl: &Arc<Cluster>,
         entry: Entry,
         sender_epoch: u64,
+        lazy: bool,
         reply: &Replier,
     ) {
         let mut st = self.lock();
@@ -728,8 +729,9 @@ impl Slot {
                 generation: st.generation,
             }),
             payload: shared.shared_bytes(),
-            // Committed at once only when the owner counts on this node (`Frame::SyncNow`).
-            lazy: true,
+            // From an owner that sends `Frame::SyncNow`: committed at once only when it counts on
+            // this node.
+            lazy,
             done: Box::new(move |r| {
                 slot.on_follower_durable(&cl2, pos, sender_epoch, r, for_apply, &reply)
             }),

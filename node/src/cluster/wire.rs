@@ -9,6 +9,19 @@ use crate::lsn::Lsn;
 use crate::storage::record::{Entry, RecordKind, SlotKey, SlotPos};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+/// The replication protocol this node speaks, sent in [`Frame::Hello`] (owner → follower) and in
+/// the upgrade response's [`VERSION_HEADER`] (follower → owner), so that nodes of two versions
+/// can share a cluster while it is upgraded one node at a time. 1: the first; 2: adds
+/// [`Frame::SyncNow`].
+pub const PROTOCOL_VERSION: u8 = 2;
+/// The first version that knows [`Frame::SyncNow`]: an owner sends it only to followers that
+/// speak at least this, and a follower logs entries lazily only for owners that do (an older
+/// owner never says when to commit).
+pub const SYNC_NOW_SINCE: u8 = 2;
+/// The upgrade response header in which a follower states its [`PROTOCOL_VERSION`]; a follower
+/// without it speaks version 1.
+pub const VERSION_HEADER: &str = "x-colony-replication-version";
+
 /// Upper bound of one frame: an entry can be as large as a transaction (request bodies are
 /// limited to 32 MiB by default; big SQL transactions can write more).
 pub const MAX_FRAME: usize = 512 << 20;
@@ -47,8 +60,9 @@ impl FollowerState {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    /// First frame from the connecting owner.
-    Hello { node: String },
+    /// First frame from the connecting owner, with the protocol version it speaks (version 1
+    /// nodes sent none; they read past it).
+    Hello { node: String, version: u8 },
     /// An entry of the slot's log (the entry carries its slot and position), sent by the owner
     /// of `epoch`. A new owner resends entries of older epochs that only it holds (so that a
     /// quorum holds them before it serves); followers judge the sender by `epoch`, not by the
@@ -73,8 +87,8 @@ pub enum Frame {
     SyncRequired { slot: SlotKey, epoch: u64 },
     /// Owner → follower: commit the entries sent so far now. A follower logs entries lazily
     /// (they may wait a moment to share a commit); the owner sends this after each entry to the
-    /// followers it counts on for its quorum. A follower that does not know this frame drops the
-    /// connection, so a cluster's nodes must all run a version that does.
+    /// followers it counts on for its quorum, if they speak [`SYNC_NOW_SINCE`] (a follower that
+    /// does not know this frame drops the connection).
     SyncNow,
 }
 
@@ -118,9 +132,10 @@ impl Frame {
         out.put_u32_le(0);
         out.put_u32_le(0);
         match self {
-            Frame::Hello { node } => {
+            Frame::Hello { node, version } => {
                 out.put_u8(T_HELLO);
                 put_str(out, node);
+                out.put_u8(*version);
             }
             Frame::Append { entry, kind, epoch } => {
                 out.put_u8(T_APPEND);
@@ -217,7 +232,11 @@ fn get_lsn(b: &mut Bytes) -> Result<Lsn, WireError> {
 fn parse(b: &mut Bytes) -> Result<Frame, WireError> {
     need(b, 1)?;
     Ok(match b.get_u8() {
-        T_HELLO => Frame::Hello { node: get_str(b)? },
+        T_HELLO => Frame::Hello {
+            node: get_str(b)?,
+            // Version 1 sent the name alone.
+            version: if b.has_remaining() { b.get_u8() } else { 1 },
+        },
         T_APPEND => {
             need(b, 9)?;
             let kind = RecordKind::from_u8(b.get_u8())
@@ -297,6 +316,7 @@ mod tests {
         vec![
             Frame::Hello {
                 node: "ams-0".into(),
+                version: PROTOCOL_VERSION,
             },
             Frame::Append {
                 entry: Bytes::from_static(b"entry bytes"),
@@ -342,6 +362,40 @@ mod tests {
             }
         }
         assert_eq!(out, all_frames());
+    }
+
+    /// A version 1 owner's hello (the name alone) reads as version 1; a version 1 follower reads
+    /// a newer hello's name and stops there, as its decoder ignores what follows the name.
+    #[test]
+    fn hellos_of_both_versions_read_back() {
+        let mut old = BytesMut::new();
+        let start = old.len();
+        old.put_u32_le(0);
+        old.put_u32_le(0);
+        old.put_u8(T_HELLO);
+        put_str(&mut old, "ams-1");
+        let body_len = (old.len() - start - 8) as u32;
+        let crc = crc32c::crc32c(&old[start + 8..]);
+        old[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+        old[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Frame::decode(&mut old),
+            Ok(Some(Frame::Hello {
+                node: "ams-1".into(),
+                version: 1
+            }))
+        );
+
+        let mut new = BytesMut::new();
+        Frame::Hello {
+            node: "ams-2".into(),
+            version: PROTOCOL_VERSION,
+        }
+        .encode(&mut new);
+        let mut body = new.split_off(8).freeze();
+        assert_eq!(body.get_u8(), T_HELLO);
+        assert_eq!(get_str(&mut body), Ok("ams-2".to_string()));
+        assert_eq!(body.remaining(), 1, "only the version follows the name");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use super::{AppState, json_ok};
 use crate::cluster::Cluster;
 use crate::cluster::links::UPGRADE_PROTOCOL;
 use crate::cluster::sync::{self, SNAPSHOT_LSN_HEADER};
-use crate::cluster::wire::Frame;
+use crate::cluster::wire::{Frame, PROTOCOL_VERSION, SYNC_NOW_SINCE, VERSION_HEADER};
 use crate::error::ApiError;
 use crate::lsn::Lsn;
 use crate::storage::record::{Entry, ObjectKey, SlotKey};
@@ -47,6 +47,10 @@ pub async fn replicate(State(node): State<AppState>, req: Request) -> Response {
         .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     resp.headers_mut()
         .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    resp.headers_mut().insert(
+        VERSION_HEADER,
+        HeaderValue::from(u16::from(PROTOCOL_VERSION)),
+    );
     resp
 }
 
@@ -80,7 +84,7 @@ impl AckRun {
     }
 }
 
-async fn serve_stream<S>(cl: Arc<Cluster>, io: S)
+pub(crate) async fn serve_stream<S>(cl: Arc<Cluster>, io: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -106,6 +110,8 @@ where
     });
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut from: Option<String> = None;
+    // Entries are logged lazily only for an owner that says when to commit them (`SyncNow`).
+    let mut lazy = false;
     'read: loop {
         // The entries of one read are logged together, and committed on this thread when no
         // commit is under way and nothing else waits for one: a follower's ack then waits for
@@ -117,7 +123,10 @@ where
         loop {
             match Frame::decode(&mut buf) {
                 Ok(Some(frame)) => match frame {
-                    Frame::Hello { node } => from = Some(node),
+                    Frame::Hello { node, version } => {
+                        from = Some(node);
+                        lazy = version >= SYNC_NOW_SINCE;
+                    }
                     Frame::Append { entry, kind, epoch } => {
                         // One copy, of the entry's exact size, shared from here on by its ring
                         // frame, log record and applier: a slice of the read buffer would keep
@@ -132,7 +141,7 @@ where
                             break 'read;
                         }
                         let slot = cl.slot(&entry.slot());
-                        slot.on_append(&cl, entry, epoch, &tx);
+                        slot.on_append(&cl, entry, epoch, lazy, &tx);
                         appended = true;
                     }
                     Frame::Probe { slot, .. } => {

@@ -3,7 +3,7 @@
 mod admin;
 mod body;
 mod ids;
-mod internal;
+pub(crate) mod internal;
 mod objects;
 
 use crate::error::ApiError;

@@ -671,6 +671,12 @@ impl NodeLog {
         self.core.urge();
     }
 
+    /// Sets how long lazy records wait ([`LAZY_COMMIT_DELAY`]), for tests elsewhere.
+    #[cfg(test)]
+    pub fn set_lazy_delay(&self, delay: Duration) {
+        self.core.queue().gather_times.lazy = delay;
+    }
+
     pub fn barrier(&self, done: Completion) {
         self.core.push(Msg::Barrier(done));
     }
