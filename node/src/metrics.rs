@@ -34,6 +34,8 @@ pub struct LogMetrics {
     pub bytes: Counter,
     pub records_per_fsync: Histogram,
     pub segments: Gauge,
+    /// 1 when the log writes with direct I/O, 0 through the page cache.
+    pub direct_io: Gauge,
 }
 
 #[derive(Clone)]
@@ -116,6 +118,7 @@ impl Metrics {
             bytes: Counter::default(),
             records_per_fsync: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             segments: Gauge::default(),
+            direct_io: Gauge::default(),
         };
         registry.register(
             "log_fsyncs",
@@ -141,6 +144,11 @@ impl Metrics {
             "log_segments",
             "Live node log segments",
             log.segments.clone(),
+        );
+        registry.register(
+            "log_direct_io",
+            "1 when the node log writes with direct I/O (its filesystem takes O_DIRECT), else 0",
+            log.direct_io.clone(),
         );
         let objects = ObjectMetrics {
             active: Gauge::default(),

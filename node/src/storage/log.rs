@@ -21,8 +21,9 @@
 //! checkpointed past that record; the writer publishes which objects hold the oldest segment back
 //! so the node can checkpoint them.
 
+use super::block_buf::{BLOCK, BlockBuf, block_floor};
 use super::record::{ObjectKey, RecordKind, SlotKey, decode_checkpoint};
-use super::segments::{self, encode_record, record_size};
+use super::segments::{self, encode_record_into, record_size};
 use crate::metrics::LogMetrics;
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -748,6 +749,8 @@ impl Drop for LogRunner {
 /// committing, where an `EMFILE` at a segment switch failed every write of its batch.
 struct Spares {
     dir: PathBuf,
+    /// The log's filesystem takes direct I/O: segments are opened with it.
+    direct: bool,
     /// The log's directory, held open to sync after a spare is renamed into place.
     dir_handle: File,
     segment_bytes: u64,
@@ -777,7 +780,7 @@ impl Spares {
         let spare = segments::spare_path(&self.dir, self.next.fetch_add(1, Ordering::Relaxed));
         // Opened before the rename: a descriptor that cannot be had leaves the segment to be
         // removed, as when enough spares are kept.
-        let file = open_read_write(path)?;
+        let file = open_segment_file(path, self.direct)?;
         fs::rename(path, &spare)?;
         ready.push((spare, file));
         Ok(true)
@@ -796,7 +799,7 @@ impl Spares {
                 let path =
                     segments::spare_path(&self.dir, self.next.fetch_add(1, Ordering::Relaxed));
                 match segments::preallocate(&path, self.segment_bytes)
-                    .and_then(|()| open_read_write(&path))
+                    .and_then(|()| open_segment_file(&path, self.direct))
                 {
                     Ok(file) => {
                         if let Ok(mut r) = self.ready.lock() {
@@ -841,7 +844,12 @@ struct Writer {
     spares: Arc<Spares>,
     shared: Arc<LogShared>,
     metrics: LogMetrics,
-    buf: Vec<u8>,
+    /// The current segment's bytes from the start of the block holding `synced` to `offset`:
+    /// the last, partly filled block already written (so that the next write can rewrite it
+    /// whole, as direct I/O writes whole blocks), then the records of the commit under way.
+    buf: BlockBuf,
+    /// Offset in the current segment up to which records are written and synced.
+    synced: u64,
     last_blocker_scan: Instant,
 }
 
@@ -862,8 +870,18 @@ pub fn start(
     metrics: LogMetrics,
 ) -> io::Result<LogRunner> {
     super::dirs::create_dir_all_durable(dir)?;
+    // Whole blocks: direct writes end on block boundaries.
+    let segment_bytes = segment_bytes.next_multiple_of(BLOCK as u64);
+    let direct = segments::takes_direct_io(dir)?;
+    metrics.direct_io.set(i64::from(direct));
+    if direct {
+        tracing::info!(dir = %dir.display(), "the node log writes with direct I/O");
+    } else {
+        tracing::warn!(dir = %dir.display(), "the node log's filesystem refuses direct I/O; it writes through the page cache");
+    }
     let spares = Arc::new(Spares {
         dir: dir.to_path_buf(),
+        direct,
         dir_handle: File::open(dir)?,
         segment_bytes,
         ready: Mutex::new(Vec::new()),
@@ -879,7 +897,7 @@ pub fn start(
             .unwrap_or(false);
         let ready_len = spares.ready.lock().map(|r| r.len()).unwrap_or(SPARES_KEPT);
         if ok && ready_len < SPARES_KEPT && path.extension().is_some_and(|e| e == "log") {
-            let file = open_read_write(&path)?;
+            let file = open_segment_file(&path, direct)?;
             if let Ok(mut r) = spares.ready.lock() {
                 r.push((path.clone(), file));
             }
@@ -914,7 +932,8 @@ pub fn start(
         spares: spares.clone(),
         shared: shared.clone(),
         metrics,
-        buf: Vec::with_capacity(1 << 20),
+        buf: BlockBuf::with_capacity(1 << 20),
+        synced: 0,
         last_blocker_scan: Instant::now(),
     };
     let core = Arc::new(Core {
@@ -965,13 +984,21 @@ fn open_segment(spares: &Spares, path: &Path, len: u64) -> io::Result<File> {
         }
         None => {
             segments::preallocate(path, len)?;
-            open_read_write(path)
+            open_segment_file(path, spares.direct)
         }
     }
 }
 
-fn open_read_write(path: &Path) -> io::Result<File> {
-    OpenOptions::new().read(true).write(true).open(path)
+/// Opens a segment file of a log whose filesystem takes direct I/O (`direct`, found by
+/// [`segments::takes_direct_io`] at start) or not.
+fn open_segment_file(path: &Path, direct: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open(path)
 }
 
 struct Pending {
@@ -1001,8 +1028,8 @@ impl Writer {
         let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
         let mut unflushed: Vec<Unflushed> = Vec::new();
         let mut failure: Option<LogError> = None;
-        self.buf.clear();
-        let mut buf_offset = self.offset;
+        // The buffer starts with the last block written, partly filled (see `buf`).
+        let mut buf_offset = block_floor(self.offset);
 
         for msg in batch.drain(..) {
             let a = match msg {
@@ -1056,7 +1083,7 @@ impl Writer {
                 buf_offset = self.offset;
             }
             let lsn = self.current().start + self.offset;
-            encode_record(&mut self.buf, lsn, a.kind, &a.payload);
+            encode_record_into(self.buf.grow(size as usize), lsn, a.kind, &a.payload);
             self.offset += size;
             let marker = match a.kind {
                 RecordKind::Checkpoint => decode_checkpoint(&a.payload)
@@ -1099,10 +1126,10 @@ impl Writer {
     /// reporting them clean, so nothing written since the last good fsync can be trusted; the
     /// process stops and recovery replays what is known durable (PostgreSQL's policy since 2018).
     fn flush(&mut self, at: u64, unflushed: &mut Vec<Unflushed>, pending: &mut [Pending]) {
-        if self.buf.is_empty() {
+        if self.offset == self.synced {
             return;
         }
-        if let Err(e) = self.file.write_all_at(&self.buf, at) {
+        if let Err(e) = self.file.write_all_at(self.buf.padded(), at) {
             tracing::error!(error = %e, "write to the node log failed; aborting to recover from the durable log");
             std::process::abort();
         }
@@ -1120,11 +1147,12 @@ impl Writer {
             .store((average * 7 + micros) / 8, Ordering::Relaxed);
         self.metrics.fsync_seconds.observe(took.as_secs_f64());
         self.metrics.fsyncs.inc();
-        self.metrics.bytes.inc_by(self.buf.len() as u64);
+        self.metrics.bytes.inc_by(self.offset - self.synced);
         self.metrics
             .records_per_fsync
             .observe(unflushed.len() as f64);
-        self.buf.clear();
+        self.synced = self.offset;
+        self.buf.keep_partial_block();
         let durable = self.current().start + self.offset;
         self.shared.durable_lsn.store(durable, Ordering::Release);
         for u in unflushed.drain(..) {
@@ -1147,7 +1175,9 @@ impl Writer {
 
     fn switch_segment(&mut self, record: u64) -> io::Result<()> {
         let start = self.current().start + self.offset;
-        let len = self.segment_bytes.max(record);
+        let len = self
+            .segment_bytes
+            .max(record.next_multiple_of(BLOCK as u64));
         let path = segments::segment_path(&self.dir, start);
         self.file = open_segment(&self.spares, &path, len)?;
         self.segments.push_back(Segment {
@@ -1157,6 +1187,8 @@ impl Writer {
             objects: HashMap::new(),
         });
         self.offset = 0;
+        self.synced = 0;
+        self.buf.clear();
         self.shared
             .live_segments
             .store(self.segments.len() as u64, Ordering::Relaxed);
@@ -1340,6 +1372,65 @@ mod tests {
                 Some(&format!("thread {t} record {i}").repeat(20)),
                 "record at {lsn}"
             );
+        }
+    }
+
+    /// Records of every size, from a few bytes to more than a segment, committed one at a time
+    /// (so consecutive commits share blocks) and several at once: all read back as written, and
+    /// the log writes with direct I/O wherever its filesystem takes it.
+    #[test]
+    fn records_of_any_size_read_back_whether_committed_alone_or_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        // A segment size off the block size: rounded up to whole blocks.
+        let runner = start(dir.path(), (64 << 10) + 100, 0, metrics.log.clone()).expect("start");
+        let log = runner.log();
+        assert_eq!(
+            metrics.log.direct_io.get(),
+            i64::from(segments::takes_direct_io(dir.path()).expect("probe")),
+        );
+        let sizes: Vec<usize> = [0, 1, 7, 100, 4000, 4096, 5000, 20_000, 70_000, 200_000, 3]
+            .into_iter()
+            .cycle()
+            .take(60)
+            .collect();
+        let payload =
+            |i: usize, len: usize| -> Vec<u8> { (0..len).map(|j| (i * 31 + j) as u8).collect() };
+        let (tx, rx) = mpsc::channel();
+        let mut expected = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let tx = tx.clone();
+            log.append(page_set(
+                1,
+                payload(i, len).into(),
+                Box::new(move |r| {
+                    let _ = tx.send((i, r));
+                }),
+            ));
+            expected.push(payload(i, len));
+            // The first half waits for each commit; the second half queues up.
+            if i < sizes.len() / 2 {
+                let (j, r) = rx.recv_timeout(Duration::from_secs(10)).expect("done");
+                assert_eq!(j, i);
+                r.expect("durable");
+            }
+        }
+        for _ in sizes.len() / 2..sizes.len() {
+            let (_, r) = rx.recv_timeout(Duration::from_secs(10)).expect("done");
+            r.expect("durable");
+        }
+        assert!(metrics.log.segments.get() > 2, "segments switched");
+        drop(log);
+        drop(runner);
+        let mut on_disk = Vec::new();
+        recovery::scan(dir.path(), u64::MAX, |_, _, payload| {
+            on_disk.push(payload.to_vec());
+            Ok(())
+        })
+        .expect("scan");
+        assert_eq!(on_disk.len(), expected.len());
+        for (i, (got, want)) in on_disk.iter().zip(&expected).enumerate() {
+            assert!(got == want, "record {i} of {} bytes", want.len());
         }
     }
 
