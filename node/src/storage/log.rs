@@ -763,10 +763,17 @@ struct Spares {
 const SPARES_KEPT: usize = 2;
 
 impl Spares {
+    /// Takes a ready spare. The preparer is woken by [`Spares::replace_taken`] once the segment
+    /// it replaces is closed, not here: on a node out of descriptors, the one that segment
+    /// frees is what the preparer needs, and woken at once it failed for want of it, then
+    /// waited out a backoff in which the log could fill the next segment too.
     fn take(&self) -> Option<(PathBuf, File)> {
-        let taken = self.ready.lock().ok()?.pop();
+        self.ready.lock().ok()?.pop()
+    }
+
+    /// Wakes the preparer to replace a taken spare.
+    fn replace_taken(&self) {
         self.wake.notify_all();
-        taken
     }
 
     /// Offers a retired segment for reuse; returns it back if there are enough spares.
@@ -811,7 +818,12 @@ impl Spares {
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot prepare a spare log segment; retrying");
                         let _ = fs::remove_file(path.with_extension("tmp"));
-                        std::thread::sleep(backoff);
+                        // Prepared but not opened (out of descriptors): not left behind.
+                        let _ = fs::remove_file(&path);
+                        // A segment switch (which closes a file) cuts the backoff short.
+                        if let Ok(guard) = self.ready.lock() {
+                            let _ = self.wake.wait_timeout(guard, backoff);
+                        }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
@@ -1179,7 +1191,9 @@ impl Writer {
             .segment_bytes
             .max(record.next_multiple_of(BLOCK as u64));
         let path = segments::segment_path(&self.dir, start);
+        // The old segment's file closes here, before the preparer is woken (see `Spares::take`).
         self.file = open_segment(&self.spares, &path, len)?;
+        self.spares.replace_taken();
         self.segments.push_back(Segment {
             start,
             len,
