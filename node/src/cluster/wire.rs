@@ -125,12 +125,26 @@ fn put_lsn(b: &mut BytesMut, l: Lsn) {
     b.put_u64_le(l.seq);
 }
 
+/// Appends a frame to `out` whose body `write_body` writes: the header's length and CRC are
+/// filled in after it.
+fn framed(out: &mut BytesMut, write_body: impl FnOnce(&mut BytesMut)) {
+    let start = out.len();
+    out.put_u32_le(0);
+    out.put_u32_le(0);
+    write_body(out);
+    let body_len = out.len() - start - 8;
+    let crc = crc32c::crc32c(&out[start + 8..]);
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
 impl Frame {
     /// Appends the framed encoding to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
-        let start = out.len();
-        out.put_u32_le(0);
-        out.put_u32_le(0);
+        framed(out, |out| self.encode_body(out));
+    }
+
+    fn encode_body(&self, out: &mut BytesMut) {
         match self {
             Frame::Hello { node, version } => {
                 out.put_u8(T_HELLO);
@@ -173,10 +187,6 @@ impl Frame {
             }
             Frame::SyncNow => out.put_u8(T_SYNC_NOW),
         }
-        let body_len = out.len() - start - 8;
-        let crc = crc32c::crc32c(&out[start + 8..]);
-        out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Takes one frame off the front of `buf` if it holds a whole one.
@@ -369,15 +379,10 @@ mod tests {
     #[test]
     fn hellos_of_both_versions_read_back() {
         let mut old = BytesMut::new();
-        let start = old.len();
-        old.put_u32_le(0);
-        old.put_u32_le(0);
-        old.put_u8(T_HELLO);
-        put_str(&mut old, "ams-1");
-        let body_len = (old.len() - start - 8) as u32;
-        let crc = crc32c::crc32c(&old[start + 8..]);
-        old[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
-        old[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        framed(&mut old, |body| {
+            body.put_u8(T_HELLO);
+            put_str(body, "ams-1");
+        });
         assert_eq!(
             Frame::decode(&mut old),
             Ok(Some(Frame::Hello {

@@ -1289,13 +1289,22 @@ mod tests {
         }
     }
 
+    /// A log in `dir` with segments of `segment_bytes`, its metrics, and a handle to it.
+    fn started(
+        dir: &Path,
+        segment_bytes: u64,
+    ) -> (Arc<crate::metrics::Metrics>, LogRunner, NodeLog) {
+        let metrics = crate::metrics::Metrics::new();
+        let runner = start(dir, segment_bytes, 0, metrics.log.clone()).expect("start");
+        let log = runner.log();
+        (metrics, runner, log)
+    }
+
     /// A log with small segments (commits by leaders can switch segments too) whose threads
     /// lead however slow this machine's disk is: CI's fsyncs can average over the limit, and
     /// then nobody would lead.
     fn start_leading(dir: &Path) -> (Arc<crate::metrics::Metrics>, LogRunner, NodeLog) {
-        let metrics = crate::metrics::Metrics::new();
-        let runner = start(dir, 64 << 10, 0, metrics.log.clone()).expect("start");
-        let log = runner.log();
+        let (metrics, runner, log) = started(dir, 64 << 10);
         log.shared
             .lead_max_fsync_micros
             .store(u64::MAX, Ordering::Relaxed);
@@ -1395,10 +1404,8 @@ mod tests {
     #[test]
     fn records_of_any_size_read_back_whether_committed_alone_or_together() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
         // A segment size off the block size: rounded up to whole blocks.
-        let runner = start(dir.path(), (64 << 10) + 100, 0, metrics.log.clone()).expect("start");
-        let log = runner.log();
+        let (metrics, runner, log) = started(dir.path(), (64 << 10) + 100);
         assert_eq!(
             metrics.log.direct_io.get(),
             i64::from(segments::takes_direct_io(dir.path())),
@@ -1477,9 +1484,7 @@ mod tests {
     #[test]
     fn a_deferred_append_is_committed_by_its_leader_or_else_by_the_writer_thread() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
-        let runner = start(dir.path(), 64 << 10, 0, metrics.log.clone()).expect("start");
-        let log = runner.log();
+        let (_metrics, _runner, log) = started(dir.path(), 64 << 10);
         let here = std::thread::current().id();
         let append = |lead: bool| commit_one(&log, lead);
 
@@ -1730,9 +1735,7 @@ mod tests {
     #[test]
     fn a_busy_log_gathers_records_into_one_commit_and_never_holds_one_past_the_window() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
-        let runner = start(dir.path(), 1 << 20, 0, metrics.log.clone()).expect("start");
-        let log = runner.log();
+        let (metrics, runner, log) = started(dir.path(), 1 << 20);
         let window = Duration::from_secs(1);
         log.core.queue().gather_times = GatherTimes {
             window,
@@ -1824,11 +1827,9 @@ mod tests {
     #[test]
     fn lazy_records_wait_for_an_urgent_commit_or_their_delay() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = crate::metrics::Metrics::new();
-        let runner = start(dir.path(), 1 << 20, 0, metrics.log.clone()).expect("start");
-        let log = runner.log();
+        let (metrics, runner, log) = started(dir.path(), 1 << 20);
         let delay = Duration::from_secs(1);
-        log.core.queue().gather_times.lazy = delay;
+        log.set_lazy_delay(delay);
         log.shared
             .lead_max_fsync_micros
             .store(u64::MAX, Ordering::Relaxed);
