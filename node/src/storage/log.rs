@@ -882,9 +882,22 @@ pub fn start(
     metrics: LogMetrics,
 ) -> io::Result<LogRunner> {
     super::dirs::create_dir_all_durable(dir)?;
+    let direct = segments::takes_direct_io(dir);
+    start_writing(dir, segment_bytes, start_lsn, metrics, direct)
+}
+
+/// [`start`] with the choice of direct I/O made: `direct` only where the filesystem takes it.
+/// The page-cache path is chosen here by tests too, since the test machines' filesystems all
+/// take direct I/O and the path would otherwise go unexercised.
+fn start_writing(
+    dir: &Path,
+    segment_bytes: u64,
+    start_lsn: u64,
+    metrics: LogMetrics,
+    direct: bool,
+) -> io::Result<LogRunner> {
     // Whole blocks: direct writes end on block boundaries.
     let segment_bytes = segment_bytes.next_multiple_of(BLOCK as u64);
-    let direct = segments::takes_direct_io(dir);
     metrics.direct_io.set(i64::from(direct));
     if direct {
         tracing::info!(dir = %dir.display(), "the node log writes with direct I/O");
@@ -1406,10 +1419,57 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // A segment size off the block size: rounded up to whole blocks.
         let (metrics, runner, log) = started(dir.path(), (64 << 10) + 100);
-        assert_eq!(
-            metrics.log.direct_io.get(),
-            i64::from(segments::takes_direct_io(dir.path())),
-        );
+        let direct = segments::takes_direct_io(dir.path());
+        assert_eq!(metrics.log.direct_io.get(), i64::from(direct));
+        assert_eq!(open_segments_direct(dir.path()), vec![direct]);
+        records_of_any_size_read_back(dir.path(), &metrics, runner, log, direct);
+    }
+
+    /// The same through the page cache, as on a filesystem that refuses direct I/O.
+    #[test]
+    fn records_of_any_size_read_back_through_the_page_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = crate::metrics::Metrics::new();
+        let runner = start_writing(dir.path(), (64 << 10) + 100, 0, metrics.log.clone(), false)
+            .expect("start");
+        assert_eq!(metrics.log.direct_io.get(), 0);
+        assert_eq!(open_segments_direct(dir.path()), vec![false]);
+        let log = runner.log();
+        records_of_any_size_read_back(dir.path(), &metrics, runner, log, false);
+    }
+
+    /// For each segment file (not spare) this process has open in `dir`: whether it is open
+    /// with `O_DIRECT`, read from the flags in `/proc/self/fdinfo`.
+    fn open_segments_direct(dir: &Path) -> Vec<bool> {
+        let dir = dir.canonicalize().expect("dir");
+        let segments = segments::list_segments(&dir).expect("segments");
+        let mut direct = Vec::new();
+        for fd in fs::read_dir("/proc/self/fd").expect("fds").flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            if !segments.iter().any(|(_, path)| *path == target) {
+                continue;
+            }
+            let info = fs::read_to_string(Path::new("/proc/self/fdinfo").join(fd.file_name()))
+                .expect("fdinfo");
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| i32::from_str_radix(f.trim(), 8).ok())
+                .expect("flags");
+            direct.push(flags & libc::O_DIRECT != 0);
+        }
+        direct
+    }
+
+    fn records_of_any_size_read_back(
+        dir: &Path,
+        metrics: &crate::metrics::Metrics,
+        runner: LogRunner,
+        log: NodeLog,
+        direct: bool,
+    ) {
         let sizes: Vec<usize> = [0, 1, 7, 100, 4000, 4096, 5000, 20_000, 70_000, 200_000, 3]
             .into_iter()
             .cycle()
@@ -1441,10 +1501,12 @@ mod tests {
             r.expect("durable");
         }
         assert!(metrics.log.segments.get() > 2, "segments switched");
+        // Segments taken from the spares after a switch are open the same way.
+        assert_eq!(open_segments_direct(dir), vec![direct]);
         drop(log);
         drop(runner);
         let mut on_disk = Vec::new();
-        recovery::scan(dir.path(), u64::MAX, |_, _, payload| {
+        recovery::scan(dir, u64::MAX, |_, _, payload| {
             on_disk.push(payload.to_vec());
             Ok(())
         })
