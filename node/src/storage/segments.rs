@@ -196,6 +196,17 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A probe that cannot even create its scratch file counts as no direct I/O (the log then
+    /// writes through the page cache) rather than failing, and leaves nothing behind.
+    #[test]
+    fn a_failed_direct_io_probe_counts_as_no() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing");
+        assert!(!takes_direct_io(&missing));
+        assert!(!missing.exists());
+        assert_eq!(fs::read_dir(dir.path()).expect("dir").count(), 0);
+    }
+
     /// A record written over leftover bytes comes out exactly as one written into zeros.
     #[test]
     fn a_record_encoded_over_old_bytes_is_the_same_as_into_zeros() {
