@@ -226,6 +226,92 @@ storage: { idleTimeout: 1h, memoryLimit: 1GiB, logSegmentBytes: 4MiB }
     }
 }
 
+/// Past its cap an open waits for room at most 2 s (`object::registry`'s `ROOM_WAIT`), then
+/// opens anyway: the cap guards file descriptors, and objects that cannot close (busy ones)
+/// must not hold a new object's first request until they are done. With `maxOpenObjects: 1`
+/// the cap is 2; two objects kept busy by long queries fill it, and a request to a third one is
+/// answered after the wait, while both queries still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_that_finds_no_room_in_time_opens_past_the_cap() {
+    let node = TestNode::serve(
+        "listen: {listen}
+dataDir: {data}
+namespaces: [{name: default}]
+storage: { maxOpenObjects: 1, idleTimeout: 1h, logSegmentBytes: 4MiB }
+",
+    )
+    .await;
+    assert_eq!(colony_node::object::open_cap(1), 2);
+    const COUNT: &str = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) SELECT count(*) AS n FROM c";
+    // Long enough queries, whatever the machine's speed: one of known length, timed on one of
+    // the two objects to keep busy (it stays open: one open object is within the limit).
+    let probe = 300_000u64;
+    let started = Instant::now();
+    let (s, v) = node.sql("busy-a", COUNT, json!([probe])).await;
+    assert_eq!(s, 200, "{v}");
+    let per_row = started.elapsed().as_secs_f64() / probe as f64;
+    let rows = ((8.0 / per_row) as u64).clamp(probe, 2_000_000_000);
+
+    let busy: Vec<_> = ["busy-a", "busy-b"]
+        .into_iter()
+        .map(|name| {
+            let (client, url) = (node.client.clone(), node.obj("default", name, "/sql"));
+            tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .json(&json!({"sql": COUNT, "params": [rows]}))
+                    .send()
+                    .await;
+                (Instant::now(), r.map(|r| r.status().as_u16()))
+            })
+        })
+        .collect();
+    let resident = wait_for(
+        &node,
+        "colony_objects_resident",
+        |v| v >= 2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(resident, 2.0, "both busy objects are open");
+    let waits_before = node.metric("colony_object_open_waits_total").await;
+
+    let asked = Instant::now();
+    let r = node
+        .client
+        .put(node.obj("default", "newcomer", "/kv/value"))
+        .json(&json!("hello"))
+        .send()
+        .await
+        .expect("put");
+    let answered = Instant::now();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        node.metric("colony_object_open_waits_total").await,
+        waits_before + 1.0,
+        "the open waited for room"
+    );
+    assert!(
+        answered - asked >= Duration::from_millis(1500),
+        "the open waited (about 2 s) before giving up: {:?}",
+        answered - asked
+    );
+    assert_eq!(
+        node.metric("colony_objects_resident").await,
+        3.0,
+        "it opened past the cap"
+    );
+    for task in busy {
+        let (finished, status) = task.await.expect("busy request");
+        assert!(
+            finished > answered,
+            "the busy queries ran past the new object's answer ({status:?}); make them longer"
+        );
+    }
+    let (s, v) = node.get("/v1/ns/default/names/newcomer/kv/value").await;
+    assert_eq!((s, v["value"].as_str()), (200, Some("hello")));
+}
+
 /// The node turns transparent huge pages off for itself (`huge_pages`): with them, each of its
 /// many threads' heaps held a 2 MiB page for a few kilobytes of objects.
 #[cfg(target_os = "linux")]
