@@ -274,6 +274,9 @@ storage: { maxOpenObjects: 1, idleTimeout: 1h, logSegmentBytes: 4MiB }
     )
     .await;
     assert_eq!(resident, 2.0, "both busy objects are open");
+    // And both queries running: an object whose query had not started yet would be idle, and
+    // housekeeping would close it to make room.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let waits_before = node.metric("colony_object_open_waits_total").await;
 
     let asked = Instant::now();
