@@ -326,6 +326,41 @@ async fn a_power_cut_under_write_load_loses_no_acknowledged_write() {
         counts.pages_lost > 0 && counts.file_syncs > 0 && counts.dir_syncs > 0,
         "the cuts took unsynced writes, and the node synced files and directories: {counts:?}"
     );
+    // The lazy disk takes direct I/O, so the node log wrote past the page cache here.
+    node.start().await;
+    assert_eq!(node.metric("colony_log_direct_io").await, 1.0);
+    node.kill9();
+    // Unmounted before the node's directory is removed.
+    drop(disk);
+}
+
+/// The same power cuts on a disk that refuses direct I/O (`O_DIRECT` opens fail with `EINVAL`,
+/// as on some tmpfs and FUSE mounts): the node log finds that out when it starts, writes its
+/// segments through the page cache instead, and what it acknowledged survives. Every filesystem
+/// of the test machines takes direct I/O, so without this disk the page-cache path of the log
+/// never met a power cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_power_cut_on_a_disk_without_direct_io_loses_no_acknowledged_write() {
+    let mut node = TestNode::configured(CONFIG);
+    let disk = LazyDisk::mount_without_direct_io(&node.data);
+    let cycles = cycles().div_ceil(2);
+    let Crash::PowerCut(disk) = crash_cycles(&mut node, Crash::PowerCut(disk), cycles).await else {
+        unreachable!("the crash stays a power cut");
+    };
+    node.start().await;
+    assert_eq!(
+        node.metric("colony_log_direct_io").await,
+        0.0,
+        "the log writes through the page cache"
+    );
+    node.kill9();
+    let counts = disk.counts();
+    eprintln!("lazy disk without direct I/O: {counts:?}");
+    assert_eq!(counts.power_cuts as usize, cycles + cycles / 2);
+    assert!(
+        counts.pages_lost > 0 && counts.file_syncs > 0,
+        "the cuts took unsynced writes, and the node synced files: {counts:?}"
+    );
     // Unmounted before the node's directory is removed.
     drop(disk);
 }

@@ -13,7 +13,7 @@
 
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -69,6 +69,8 @@ struct State {
     inodes: HashMap<u64, Inode>,
     next: u64,
     counts: Counts,
+    /// Opens with `O_DIRECT` fail with `EINVAL`, as on filesystems without direct I/O.
+    refuses_direct_io: bool,
 }
 
 impl State {
@@ -86,6 +88,7 @@ impl State {
             inodes,
             next: ROOT + 1,
             counts: Counts::default(),
+            refuses_direct_io: false,
         }
     }
 
@@ -96,6 +99,7 @@ impl State {
         self.copy_durable(ROOT, ROOT, &mut fresh, &mut on_path);
         fresh.counts = self.counts;
         fresh.counts.power_cuts += 1;
+        fresh.refuses_direct_io = self.refuses_direct_io;
         // What the cut took from the files and directories named at that moment (not from
         // files already removed, whose loss nobody could notice).
         let mut named = vec![ROOT];
@@ -487,6 +491,9 @@ impl Filesystem for LazyFs {
         reply: ReplyCreate,
     ) {
         let mut st = self.state();
+        if st.refuses_direct_io && flags & libc::O_DIRECT != 0 {
+            return reply.error(libc::EINVAL);
+        }
         let ino = match st.lookup(parent, name) {
             Ok(_) if flags & libc::O_EXCL != 0 => return reply.error(libc::EEXIST),
             Ok(ino) => ino,
@@ -507,6 +514,13 @@ impl Filesystem for LazyFs {
             Some(attr) => reply.created(&TTL, &attr, 0, 0, 0),
             None => reply.error(libc::ENOENT),
         }
+    }
+
+    fn open(&mut self, _req: &Request<'_>, _ino: u64, flags: i32, reply: ReplyOpen) {
+        if self.state().refuses_direct_io && flags & libc::O_DIRECT != 0 {
+            return reply.error(libc::EINVAL);
+        }
+        reply.opened(0, 0);
     }
 
     fn read(
@@ -654,6 +668,14 @@ impl LazyDisk {
     pub fn mount(mountpoint: &Path) -> LazyDisk {
         std::fs::create_dir_all(mountpoint).expect("create the mount point");
         Self::mount_state(mountpoint, State::empty())
+    }
+
+    /// Mounts an empty disk that refuses direct I/O: opens with `O_DIRECT` fail with `EINVAL`.
+    pub fn mount_without_direct_io(mountpoint: &Path) -> LazyDisk {
+        std::fs::create_dir_all(mountpoint).expect("create the mount point");
+        let mut state = State::empty();
+        state.refuses_direct_io = true;
+        Self::mount_state(mountpoint, state)
     }
 
     fn mount_state(mountpoint: &Path, state: State) -> LazyDisk {
